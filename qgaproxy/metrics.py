@@ -1,0 +1,158 @@
+"""Prometheus metrics of the proxy, and the small HTTP server for them.
+
+A registry of our own (never the global one), names ``qgaproxy_*`` with
+unit suffixes, and labels only from small fixed sets: the command label
+is a command the agent lists in guest-info, or "other"; malformed input
+is "invalid". Never client ids, pids or paths.
+
+The HTTP server is deliberately tiny (GET /metrics, bounded request
+size, short deadlines): it runs in the proxy's own trio loop and binds
+to loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import prometheus_client
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .router import Observer
+from .upstream import State, Upstream
+
+log = logging.getLogger("qgaproxy.metrics")
+
+_STATES = [s.value for s in State]
+_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics(Observer):
+    def __init__(self, upstream: Upstream, registry: CollectorRegistry | None = None):
+        self.upstream = upstream
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.agent_up = Gauge("qgaproxy_agent_up", "1 when the guest agent is synced and ready", registry=r)
+        self.agent_state = Gauge(
+            "qgaproxy_agent_state", "1 for the upstream channel's current state", ["state"], registry=r
+        )
+        self.requests = Counter(
+            "qgaproxy_requests", "Requests from clients, by command and outcome", ["command", "outcome"], registry=r
+        )
+        self.duration = Histogram(
+            "qgaproxy_request_duration_seconds",
+            "Time from sending a request to the agent to its reply",
+            ["command"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.clients = Gauge("qgaproxy_clients_connected", "Client connections open", ["listener"], registry=r)
+        self.resyncs = Counter("qgaproxy_resyncs", "Resyncs of the agent channel, by reason", ["reason"], registry=r)
+        self.stale = Counter("qgaproxy_stale_replies_dropped", "Agent replies that matched no request", registry=r)
+        self.garbage_bytes = Counter(
+            "qgaproxy_upstream_garbage_bytes", "Bytes from the agent that were not a reply", registry=r
+        )
+        self.timeouts = Counter("qgaproxy_request_timeouts", "Requests that timed out", registry=r)
+        self.reconnects = Counter("qgaproxy_upstream_connects", "Connections made to the agent channel", registry=r)
+        for state in _STATES:
+            self.agent_state.labels(state).set(1 if state == upstream.state.value else 0)
+        for reason in ("connect", "timeout", "no-reply command"):
+            self.resyncs.labels(reason)
+
+    def _command_label(self, command: str | None) -> str:
+        if command is None:
+            return "invalid"
+        info = self.upstream.info
+        if info is not None and info.has_command(command):
+            return command
+        return "other"
+
+    # -- Observer --------------------------------------------------------------
+    def request_done(self, command, outcome, duration, queued):
+        label = self._command_label(command)
+        self.requests.labels(label, outcome).inc()
+        if outcome in ("ok", "error") and duration > 0:
+            self.duration.labels(label).observe(duration)
+
+    def stale_reply(self, why):
+        self.stale.inc()
+
+    def garbage(self, nbytes):
+        self.garbage_bytes.inc(nbytes)
+
+    def resync(self, reason):
+        self.resyncs.labels(reason).inc()
+
+    def state_changed(self, old, new, reason):
+        self.agent_up.set(1 if new is State.READY else 0)
+        for state in _STATES:
+            self.agent_state.labels(state).set(1 if state == new.value else 0)
+
+    def timeout(self, command, after, client):
+        self.timeouts.inc()
+
+    def connected(self):
+        self.reconnects.inc()
+
+    def client_opened(self, listener: str):
+        self.clients.labels(listener).inc()
+
+    def client_closed(self, listener: str):
+        self.clients.labels(listener).dec()
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("expected HOST:PORT, got %r" % text)
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+_MAX_REQUEST = 8192
+
+
+async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED):
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    log.info("metrics on http://%s:%d/metrics", host, listeners[0].socket.getsockname()[1])
+    task_status.started(listeners)
+    await trio.serve_listeners(lambda stream: _handle_http(metrics, stream), listeners)
+
+
+async def _handle_http(metrics: Metrics, stream: trio.SocketStream) -> None:
+    try:
+        with trio.move_on_after(10):
+            data = b""
+            while b"\r\n\r\n" not in data and len(data) < _MAX_REQUEST:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            line = data.split(b"\r\n", 1)[0].split()
+            if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
+                await _respond(stream, 405, b"method not allowed\n")
+                return
+            path = line[1].split(b"?", 1)[0]
+            if path == b"/metrics":
+                body = metrics.exposition()
+                await _respond(stream, 200, body, prometheus_client.CONTENT_TYPE_LATEST.encode(), head=line[0] == b"HEAD")
+            else:
+                await _respond(stream, 404, b"not found\n")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def _respond(stream, status: int, body: bytes, ctype: bytes = b"text/plain; charset=utf-8", head=False):
+    reason = {200: b"OK", 404: b"Not Found", 405: b"Method Not Allowed", 503: b"Service Unavailable"}[status]
+    header = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+        status,
+        reason,
+        ctype,
+        len(body),
+    )
+    await stream.send_all(header + (b"" if head else body))

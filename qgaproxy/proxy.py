@@ -1,0 +1,408 @@
+"""The trio shell around the router: sockets, tasks, time.
+
+One task owns the upstream channel (connect, read; a second one writes),
+one task per client connection reads and another writes, one task keeps
+time. They share a single Router (single-threaded trio: no locks) and wake
+each other through per-purpose signals; nothing here decides anything
+about the protocol. Every wait has a bound: client writes have a deadline,
+requests have deadlines kept by the router, reads pause when a client is
+owed too much.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from typing import Callable
+
+import attrs
+import trio
+
+from . import transport
+from .metrics import Metrics
+from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Client, Observer, Router
+from .transport import UpstreamAddress
+from .upstream import State, Timings, Upstream
+
+log = logging.getLogger("qgaproxy")
+
+READ_SIZE = 256 * 1024
+
+
+@attrs.frozen
+class ProxyConfig:
+    upstream: UpstreamAddress
+    listen: tuple[str, ...]
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    window: int = DEFAULT_WINDOW
+    sync_timeout: float = 1.0
+    backoff_max: float = 5.0
+    client_backlog: int = DEFAULT_CLIENT_BACKLOG
+    # A client that leaves replies unread this long is disconnected.
+    client_write_timeout: float = 30.0
+    socket_mode: int = 0o660
+    # On SIGTERM: how long in-flight requests may take to finish.
+    shutdown_grace: float = 2.0
+    metrics: tuple[str, int] | None = None
+    connect_timeout: float = 5.0
+
+
+class Signal:
+    """A reusable wake-up: wait() returns after the next set()."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        event = self._event
+        await event.wait()
+        if self._event is event:
+            self._event = trio.Event()
+
+
+@attrs.define(eq=False)
+class Session:
+    client: Client
+    stream: trio.abc.Stream
+    listener: str
+    peer: tuple | None
+    writable: Signal = attrs.field(factory=Signal)
+    readable: Signal = attrs.field(factory=Signal)
+
+
+class _Fanout(Observer):
+    """Passes router events to metrics and logs."""
+
+    def __init__(self, proxy: "Proxy"):
+        self.proxy = proxy
+
+    def request_done(self, command, outcome, duration, queued):
+        if self.proxy.metrics:
+            self.proxy.metrics.request_done(command, outcome, duration, queued)
+
+    def stale_reply(self, why):
+        log.debug("dropped a reply that matches no request: %s", why)
+        if self.proxy.metrics:
+            self.proxy.metrics.stale_reply(why)
+
+    def garbage(self, nbytes):
+        log.info("dropped %d bytes from the agent that were not a reply", nbytes)
+        if self.proxy.metrics:
+            self.proxy.metrics.garbage(nbytes)
+
+    def resync(self, reason):
+        log.info("resyncing the agent channel (%s)", reason)
+        if self.proxy.metrics:
+            self.proxy.metrics.resync(reason)
+
+    def state_changed(self, old, new, reason):
+        upstream = self.proxy.upstream
+        info = upstream.info
+        extra = ""
+        if new is State.READY and info is not None:
+            extra = " (agent %s, %d commands, %s)" % (
+                info.version,
+                len(info.commands),
+                "echoes ids" if info.echoes_id else "does not echo ids: one request at a time",
+            )
+        log.info("agent %s -> %s%s%s", old.value, new.value, " after " + reason if reason and new is not State.READY else "", extra)
+        if self.proxy.metrics:
+            self.proxy.metrics.state_changed(old, new, reason)
+
+    def timeout(self, command, after, client):
+        log.warning("command %s from client %d timed out after %gs", command, client.number, after)
+        if self.proxy.metrics:
+            self.proxy.metrics.timeout(command, after, client)
+
+    def client_disconnect_requested(self, client, why):
+        log.warning("closing client %d: %s", client.number, why)
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig, *, sim_agent=None):
+        self.config = config
+        self.upstream = Upstream(Timings(sync_timeout=config.sync_timeout, backoff_max=config.backoff_max))
+        self.metrics = Metrics(self.upstream)
+        self.router = Router(
+            self.upstream,
+            window=config.window,
+            request_timeout=config.request_timeout,
+            client_backlog=config.client_backlog,
+            observer=_Fanout(self),
+        )
+        self._sim_agent = sim_agent
+        self._sessions: dict[Client, Session] = {}
+        self._upstream_wake = Signal()
+        self._timer_wake = Signal()
+        self._timer_at: float | None = None
+        self._listeners: list[trio.SocketListener] = []
+        self._nursery: trio.Nursery | None = None
+        self.ready = trio.Event()
+        self.metrics_listeners = []
+        self._draining = False
+        self._drained = Signal()
+
+    # -- the one place that turns router changes into wake-ups -----------------
+    def _after(self) -> None:
+        router = self.router
+        for client in router.pop_dirty():
+            session = self._sessions.get(client)
+            if session is not None:
+                session.writable.set()
+        if router.wants_write():
+            self._upstream_wake.set()
+        deadline = router.next_deadline()
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            self._timer_wake.set()
+        if self._draining:
+            self._drained.set()
+
+    # -- running -------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled or until SIGTERM/SIGINT (then drain and return)."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self.start_serving(nursery)
+                task_status.started(self)
+                async for signum in signals:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    break
+                await self.shutdown()
+                nursery.cancel_scope.cancel()
+
+    async def start_serving(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        config = self.config
+        if config.metrics is not None:
+            self.metrics_listeners = await nursery.start(
+                _serve_metrics, self.metrics, config.metrics[0], config.metrics[1]
+            )
+        nursery.start_soon(self._upstream_loop)
+        nursery.start_soon(self._timer_loop)
+        for path in config.listen:
+            listener = await transport.open_unix_listener(path, config.socket_mode)
+            self._listeners.append(listener)
+            nursery.start_soon(self._accept_loop, listener, path)
+        log.info(
+            "qgaproxy ready: listening on %s, upstream %s",
+            ", ".join(config.listen),
+            config.upstream,
+        )
+        self.ready.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish for a short grace
+        period, remove the socket files."""
+        for listener in self._listeners:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+        self._remove_socket_files()
+        self._draining = True
+        with trio.move_on_after(self.config.shutdown_grace):
+            while any(c.slots for c in self.router.clients):
+                await self._drained.wait()
+
+    def _remove_socket_files(self) -> None:
+        for path in self.config.listen:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # -- time -------------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        router = self.router
+        while True:
+            deadline = router.next_deadline()
+            self._timer_at = deadline
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._timer_wake.wait()
+            self._timer_at = None
+            router.tick(trio.current_time())
+            self._after()
+
+    # -- upstream ----------------------------------------------------------------------
+    async def _open_upstream(self) -> trio.abc.Stream:
+        address = self.config.upstream
+        if address.kind == "unix":
+            return await transport.open_unix(address.path)
+        if address.kind == "serial":
+            return await transport.open_serial(address.path)
+        if address.kind == "sim":
+            from . import sim
+
+            if self._sim_agent is None:
+                self._sim_agent = sim.SimAgent(sim.SimConfig())
+            ours, theirs = _socketpair_streams()
+            self._nursery.start_soon(_serve_sim, self._sim_agent, theirs)
+            return ours
+        raise AssertionError(address)
+
+    async def _upstream_loop(self) -> None:
+        router = self.router
+        upstream = self.upstream
+        failures = 0
+        while True:
+            now = trio.current_time()
+            if upstream.reconnect_at > now:
+                await trio.sleep_until(upstream.reconnect_at)
+            stream = None
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    stream = await self._open_upstream()
+            except (OSError, trio.TooSlowError) as exc:
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.warning("cannot open the agent channel %s: %s", self.config.upstream, exc)
+                router.upstream_lost(trio.current_time())
+                self._after()
+                continue
+            failures = 0
+            log.info("connected to the agent channel %s", self.config.upstream)
+            self.metrics.connected()
+            router.upstream_connected(trio.current_time())
+            self._after()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._upstream_writer, stream)
+                    await self._upstream_reader(stream)
+                    nursery.cancel_scope.cancel()
+                log.warning("the agent channel closed")
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.warning("the agent channel failed: %s", exc)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                router.upstream_lost(trio.current_time())
+                self._after()
+
+    async def _upstream_reader(self, stream) -> None:
+        router = self.router
+        while True:
+            data = await stream.receive_some(READ_SIZE)
+            if not data:
+                return
+            router.upstream_data(data, trio.current_time())
+            self._after()
+
+    async def _upstream_writer(self, stream) -> None:
+        router = self.router
+        while True:
+            while not router.wants_write():
+                await self._upstream_wake.wait()
+            data = router.take_upstream_write(trio.current_time())
+            if data:
+                await stream.send_all(data)
+                router.upstream_write_done(trio.current_time())
+            self._after()
+
+    # -- clients --------------------------------------------------------------------------
+    async def _accept_loop(self, listener: trio.SocketListener, name: str) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: back off instead of spinning.
+                log.warning("accept on %s failed: %s", name, exc)
+                await trio.sleep(0.1)
+                continue
+            self._nursery.start_soon(self._serve_client, stream, name)
+
+    async def _serve_client(self, stream: trio.SocketStream, listener: str) -> None:
+        peer = transport.peer_credentials(stream)
+        client = self.router.add_client(listener, peer)
+        session = Session(client, stream, listener, peer)
+        self._sessions[client] = session
+        self.metrics.client_opened(listener)
+        pid, uid = (peer[0], peer[1]) if peer else ("?", "?")
+        log.info("client %d connected on %s (pid %s, uid %s)", client.number, listener, pid, uid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._client_reader, session, nursery.cancel_scope)
+                await self._client_writer(session)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.router.remove_client(client)
+            self._sessions.pop(client, None)
+            self.metrics.client_closed(listener)
+            log.info("client %d disconnected (%d requests)", client.number, client.requests)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            self._after()
+
+    async def _client_reader(self, session: Session, cancel_scope: trio.CancelScope) -> None:
+        router = self.router
+        client = session.client
+        stream = session.stream
+        try:
+            while True:
+                while not router.can_read(client):
+                    if client.closing or client.gone:
+                        return
+                    await session.readable.wait()
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    # Half-close: the client is done sending but still owed
+                    # replies (socat, Proxmox): answer, then close.
+                    client.closing = True
+                    session.writable.set()
+                    return
+                router.client_data(client, data, trio.current_time())
+                self._after()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            cancel_scope.cancel()
+
+    async def _client_writer(self, session: Session) -> None:
+        router = self.router
+        client = session.client
+        while True:
+            while not client.output:
+                if client.wants_close() or client.gone:
+                    return
+                await session.writable.wait()
+            data = router.take_output(client)
+            session.readable.set()
+            with trio.move_on_after(self.config.client_write_timeout) as scope:
+                await session.stream.send_all(data)
+            if scope.cancelled_caught:
+                log.warning(
+                    "closing client %d: it left replies unread for %gs",
+                    client.number,
+                    self.config.client_write_timeout,
+                )
+                return
+
+
+def _socketpair_streams():
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(a)), trio.SocketStream(trio.socket.from_stdlib_socket(b))
+
+
+async def _serve_sim(agent, stream) -> None:
+    try:
+        await agent.serve(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _serve_metrics(metrics, host, port, *, task_status=trio.TASK_STATUS_IGNORED):
+    from .metrics import serve_metrics
+
+    await serve_metrics(metrics, host, port, task_status=task_status)

@@ -1,0 +1,572 @@
+"""The router: who asked what, and where each reply goes.
+
+This is the whole proxy as a state machine with no I/O and no clock.
+The trio shell (proxy.py) feeds it bytes and times and carries out what
+it asks for; tests can drive it byte by byte.
+
+It owns:
+- the clients: each one's decoder, its queue of requests not yet sent,
+  and its *slots*: the replies it is owed, in the order it asked.
+  A reply is written only when every earlier slot is filled, so a
+  locally answered guest-sync or a proxy error never overtakes an
+  earlier request's reply (clients without ids match replies by order).
+- the pending table: every request in flight upstream carries an id made
+  here; the agent's reply is found by that id (or, for an agent that does
+  not echo ids, by order, one request at a time) and rewritten to carry
+  the client's own id, or none if it sent none.
+- fairness: clients with queued requests are served round robin, up to
+  ``window`` requests in flight upstream.
+- deadlines: a request that outlives its deadline gets a GenericError
+  naming the command and the time; if it was in flight, the upstream
+  resyncs, and its late reply, matching nothing, is dropped and counted.
+
+It must never let a client's bytes reach the agent: only requests that
+passed messages.check_request, re-serialized by messages.encode_request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from collections import deque
+from typing import Any, Callable, Mapping
+
+import attrs
+
+from . import codec, messages
+from .messages import Request
+from .upstream import State, Upstream
+
+# How many replies a client may be owed (queued, in flight, or written
+# but not yet taken by the client) before we stop reading its requests.
+# It bounds what one client holds; the agent itself stops reading a
+# client that does not read its replies, so no well-behaved client sees it.
+DEFAULT_CLIENT_BACKLOG = 64
+
+# Requests in flight upstream when the agent echoes ids. A pty loses
+# replies beyond a few hundred outstanding requests and a real VM was seen
+# losing some at ~128 (none at 64); 32 keeps the agent busy (it runs one
+# command at a time anyway) with a wide margin.
+DEFAULT_WINDOW = 32
+
+DEFAULT_REQUEST_TIMEOUT = 5.0
+
+
+class Observer:
+    """Hooks for metrics and logs; every method is optional."""
+
+    def request_done(self, command: str | None, outcome: str, duration: float, queued: float) -> None:
+        pass
+
+    def stale_reply(self, why: str) -> None:
+        pass
+
+    def garbage(self, nbytes: int) -> None:
+        pass
+
+    def resync(self, reason: str) -> None:
+        pass
+
+    def state_changed(self, old: State, new: State, reason: str | None) -> None:
+        pass
+
+    def timeout(self, command: str, after: float, client: "Client") -> None:
+        pass
+
+    def client_disconnect_requested(self, client: "Client", why: str) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One reply a client is owed. data None: not known yet; b"": nothing
+    to write (a command that never answers)."""
+
+    data: bytes | None = None
+    close: bool = False  # close the connection once this slot is written
+
+
+@attrs.define(eq=False)
+class Call:
+    client: "Client"
+    slot: Slot
+    request: Request
+    received: float
+    deadline: float
+    timeout: float
+    local_reply: bytes | None = None  # answered by the proxy when its turn comes
+    up_id: int | None = None
+    up_id_text: bytes | None = None
+    sent: float | None = None
+    no_reply: bool = False
+    done: bool = False
+
+
+@attrs.define(eq=False)
+class Client:
+    number: int
+    listener: str
+    decoder: codec.RequestDecoder
+    queue: deque = attrs.field(factory=deque)  # Calls not yet sent
+    slots: deque = attrs.field(factory=deque)  # Slots owed, in order
+    output: list = attrs.field(factory=list)  # bytes ready to write
+    queued_for_turn: bool = False
+    gone: bool = False  # the connection is closed; owe it nothing
+    closing: bool = False  # read nothing more; close once output is written
+    no_reply_generation: int = -1  # upstream generation of its last no-reply command
+    peer: Any = None  # for logs: whatever the shell knows (pid, uid)
+    requests: int = 0
+
+    def backlog(self) -> int:
+        return len(self.slots) + len(self.output)
+
+    def wants_close(self) -> bool:
+        return self.closing and not self.slots and not self.output
+
+
+def _not_available(why: str) -> str:
+    return "Guest agent is not available: " + why
+
+
+class Router:
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        window: int = DEFAULT_WINDOW,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        command_timeouts: Mapping[str, float] | None = None,
+        client_backlog: int = DEFAULT_CLIENT_BACKLOG,
+        max_message_size: int = codec.MAX_TOKEN_SIZE,
+        observer: Observer | None = None,
+        rng: random.Random | None = None,
+    ):
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.upstream = upstream
+        self.window = window
+        self.request_timeout = request_timeout
+        self.command_timeouts = dict(command_timeouts or {})
+        self.client_backlog = client_backlog
+        self.max_message_size = max_message_size
+        self.observer = observer or Observer()
+        rng = rng or random.SystemRandom()
+        # Ids for the agent: a random start, so that replies meant for a
+        # previous proxy process can never match ours.
+        self._next_up_id = rng.randrange(1 << 40, 1 << 52)
+        self._replies = codec.ReplyDecoder()
+        self.clients: list[Client] = []
+        self._client_numbers = 0
+        self._turns: deque[Client] = deque()  # clients with queued calls
+        self._pending: dict[int, Call] = {}  # in flight, by upstream id (echo)
+        self._in_order: deque[Call] = deque()  # in flight, by order (no echo)
+        self._deadlines: list = []  # heap of (deadline, seq, call)
+        self._seq = 0
+        self._dirty: set[Client] = set()
+        self.stale_replies = 0
+        self.resyncs = 0
+
+    # -- queries -------------------------------------------------------------
+    def in_flight(self) -> int:
+        return len(self._pending) + len(self._in_order)
+
+    def queued(self) -> int:
+        return sum(len(c.queue) for c in self.clients)
+
+    def next_deadline(self) -> float | None:
+        while self._deadlines and self._deadlines[0][2].done:
+            heapq.heappop(self._deadlines)
+        times = []
+        if self._deadlines:
+            times.append(self._deadlines[0][0])
+        upstream = self.upstream.next_deadline()
+        if upstream is not None:
+            times.append(upstream)
+        return min(times) if times else None
+
+    def pop_dirty(self) -> set[Client]:
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def wants_write(self) -> bool:
+        if self.upstream.writing:
+            return False
+        if self.upstream.has_outbox():
+            return True
+        return self.upstream.can_send_requests() and bool(self._turns) and self._window_open()
+
+    def _echoes(self) -> bool:
+        info = self.upstream.info
+        return info.echoes_id if info is not None else True
+
+    def _window_open(self) -> bool:
+        limit = self.window if self._echoes() else 1
+        return self.in_flight() < limit
+
+    # -- clients ---------------------------------------------------------------
+    def add_client(self, listener: str = "", peer: Any = None) -> Client:
+        self._client_numbers += 1
+        client = Client(self._client_numbers, listener, codec.RequestDecoder(self.max_message_size), peer=peer)
+        self.clients.append(client)
+        return client
+
+    def remove_client(self, client: Client) -> None:
+        """The connection is gone: forget its queue; in-flight requests
+        finish upstream and their replies are dropped."""
+        if client.gone:
+            return
+        client.gone = True
+        for call in client.queue:
+            call.done = True
+        client.queue.clear()
+        client.slots.clear()
+        client.output.clear()
+        if client in self.clients:
+            self.clients.remove(client)
+        if client.queued_for_turn:
+            try:
+                self._turns.remove(client)
+            except ValueError:
+                pass
+            client.queued_for_turn = False
+        self._dirty.discard(client)
+
+    def can_read(self, client: Client) -> bool:
+        return not client.gone and not client.closing and client.backlog() < self.client_backlog
+
+    def take_output(self, client: Client) -> bytes:
+        data = b"".join(client.output)
+        client.output.clear()
+        return data
+
+    def client_data(self, client: Client, data: bytes, now: float) -> None:
+        if client.gone or client.closing:
+            return
+        for event in client.decoder.feed(data):
+            if isinstance(event, codec.Value):
+                self._on_message(client, event.value, event.size, now)
+            elif isinstance(event, codec.ParseError):
+                self.observer.request_done(None, "invalid", 0.0, 0.0)
+                slot = self._new_slot(client)
+                self._fill(client, slot, messages.error_reply(messages.GENERIC_ERROR, event.desc))
+                if event.oversize:
+                    # Beyond repair: what follows in the stream is the rest
+                    # of the oversize message. Answer, then hang up.
+                    slot.close = True
+                    client.closing = True
+                    self.observer.client_disconnect_requested(client, "message over the size limit")
+                    break
+            # codec.Flush: the client reset its stream; nothing to answer.
+
+    def _new_slot(self, client: Client) -> Slot:
+        slot = Slot()
+        client.slots.append(slot)
+        return slot
+
+    def _fill(self, client: Client, slot: Slot, data: bytes) -> None:
+        slot.data = data
+        if client.gone:
+            return
+        slots = client.slots
+        moved = False
+        while slots and slots[0].data is not None:
+            head = slots.popleft()
+            if head.data:
+                client.output.append(head.data)
+            if head.close:
+                client.closing = True
+                for rest in slots:
+                    rest.data = rest.data if rest.data is not None else b""
+                slots.clear()
+            moved = True
+        if moved:
+            self._dirty.add(client)
+
+    def _on_message(self, client: Client, value: Any, size: int, now: float) -> None:
+        checked = messages.check_request(value, size)
+        if isinstance(checked, messages.Rejected):
+            self.observer.request_done(None, "invalid", 0.0, 0.0)
+            self._fill(client, self._new_slot(client), checked.reply())
+            return
+        client.requests += 1
+        self._dispatch(client, checked, now)
+
+    def _dispatch(self, client: Client, request: Request, now: float) -> None:
+        slot = self._new_slot(client)
+        if not self.upstream.accepts_requests():
+            self._fail_fast(client, slot, request)
+            return
+        timeout = self.command_timeouts.get(request.execute, self.request_timeout)
+        call = Call(client, slot, request, now, now + timeout, timeout)
+        if request.execute in messages.SYNC_COMMANDS:
+            reply = _local_sync_reply(request)
+            if reply is not None:
+                if self.upstream.state is State.READY:
+                    # The slot keeps it behind this client's earlier replies.
+                    self.observer.request_done(request.execute, "ok", 0.0, 0.0)
+                    self._fill(client, slot, reply)
+                    return
+                call.local_reply = reply  # answered in its turn, once ready
+        client.queue.append(call)
+        self._seq += 1
+        heapq.heappush(self._deadlines, (call.deadline, self._seq, call))
+        if not client.queued_for_turn:
+            client.queued_for_turn = True
+            self._turns.append(client)
+
+    def _fail_fast(self, client: Client, slot: Slot, request: Request) -> None:
+        state = self.upstream.state
+        why = "no connection to its channel" if state is State.CONNECTING else "it does not answer"
+        self.observer.request_done(request.execute, "unavailable", 0.0, 0.0)
+        self._fill(
+            client,
+            slot,
+            messages.error_reply(messages.GENERIC_ERROR, _not_available(why), request.has_id, request.id),
+        )
+
+    # -- upstream I/O ------------------------------------------------------------
+    def upstream_connected(self, now: float) -> None:
+        self._replies.reset()
+        self.upstream.connected(now)
+
+    def upstream_lost(self, now: float) -> None:
+        """The channel closed (QEMU exited or restarted) or failed."""
+        generation = self.upstream.generation
+        old = self.upstream.state
+        self.upstream.lost(now)
+        self._replies.reset()
+        in_flight = list(self._pending.values()) + list(self._in_order)
+        self._pending.clear()
+        self._in_order.clear()
+        for call in in_flight:
+            if call.done:
+                continue
+            call.done = True
+            if call.no_reply:
+                # What QEMU's own socket does when the guest powers off: the
+                # connection ends. Proxmox takes that end-of-file as success.
+                self._close_after(call.client, call.slot)
+                self.observer.request_done(call.request.execute, "ok", now - call.received, 0.0)
+                continue
+            self._complete_error(call, _not_available("connection to its channel lost"), "unavailable", now)
+        for client in list(self.clients):
+            if client.no_reply_generation == generation:
+                client.no_reply_generation = -1
+                self._close_after(client, self._new_slot(client))
+        self._fail_queued(now)
+        if old is not State.CONNECTING:
+            self.observer.state_changed(old, State.CONNECTING, "connection lost")
+
+    def _close_after(self, client: Client, slot: Slot) -> None:
+        slot.close = True
+        self._fill(client, slot, b"")
+
+    def _fail_queued(self, now: float) -> None:
+        for client in list(self._turns):
+            for call in client.queue:
+                if not call.done:
+                    call.done = True
+                    self._fail_fast(client, call.slot, call.request)
+            client.queue.clear()
+            client.queued_for_turn = False
+        self._turns.clear()
+
+    def take_upstream_write(self, now: float) -> bytes:
+        """Bytes to write to the agent now (the caller writes them all,
+        then calls upstream_write_done)."""
+        if self.upstream.writing:
+            return b""
+        parts = [self.upstream.take_outbox()]
+        if self.upstream.can_send_requests():
+            echo = self._echoes()
+            limit = self.window if echo else 1
+            info = self.upstream.info
+            while self._turns and self.in_flight() < limit:
+                client = self._turns.popleft()
+                call = client.queue.popleft()
+                if client.queue:
+                    self._turns.append(client)
+                else:
+                    client.queued_for_turn = False
+                if call.done:
+                    continue
+                if call.local_reply is not None:
+                    call.done = True
+                    self.observer.request_done(call.request.execute, "ok", 0.0, now - call.received)
+                    self._fill(client, call.slot, call.local_reply)
+                    continue
+                request = call.request
+                if echo:
+                    call.up_id = self._next_up_id
+                    self._next_up_id += 1
+                    call.up_id_text = str(call.up_id).encode()
+                    self._pending[call.up_id] = call
+                else:
+                    self._in_order.append(call)
+                call.sent = now
+                parts.append(messages.encode_request(request.execute, request.arguments, call.up_id, has_id=echo))
+                if info is not None and not info.success_response(request.execute):
+                    # It never answers on success, and the agent may vanish
+                    # with it (shutdown, suspend): sync right behind it.
+                    # Whatever arrives before that sync's reply is its error.
+                    call.no_reply = True
+                    client.no_reply_generation = self.upstream.generation
+                    self.upstream.resync(now, "no-reply command", sentinel=False)
+                    self.observer.resync("no-reply command")
+                    parts.append(self.upstream.take_outbox())
+                    break
+        data = b"".join(parts)
+        if data:
+            self.upstream.write_started()
+        return data
+
+    def upstream_write_done(self, now: float) -> None:
+        self.upstream.write_done(now)
+
+    def upstream_data(self, data: bytes, now: float) -> None:
+        for event in self._replies.feed(data):
+            if isinstance(event, codec.Line):
+                self._on_line(event.raw, now)
+            elif isinstance(event, codec.Overflow):
+                self.observer.garbage(event.dropped)
+
+    def _on_line(self, raw: bytes, now: float) -> None:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            self.observer.garbage(len(raw))
+            return
+        if not isinstance(value, dict) or not ("return" in value or "error" in value):
+            self.observer.garbage(len(raw))
+            return
+        if self.upstream.syncing:
+            consumed, old = self.upstream.on_reply(value, now)
+            if consumed:
+                if old is not None:
+                    self._on_state_change(old, now)
+                return
+        call = None
+        if self._echoes():
+            ident = value.get("id")
+            if type(ident) is int:
+                call = self._pending.pop(ident, None)
+        elif self._in_order:
+            call = self._in_order.popleft()
+        if call is None or call.done:
+            # The agent's id-less error for our own 0xFF is expected while
+            # syncing; anything else matching nothing is stale.
+            if not self.upstream.syncing or "id" in value:
+                self.stale_replies += 1
+                self.observer.stale_reply("no request waits for it")
+            return
+        self._complete(call, raw, value, now)
+
+    def _complete(self, call: Call, raw: bytes, value: dict, now: float) -> None:
+        call.done = True
+        kind = "error" if "error" in value else "return"
+        request = call.request
+        data = messages.rewrite_id(raw, call.up_id_text, request.id_json(), kind)
+        self.observer.request_done(
+            request.execute,
+            "error" if kind == "error" else "ok",
+            now - (call.sent if call.sent is not None else now),
+            (call.sent or now) - call.received,
+        )
+        self._fill(call.client, call.slot, data)
+
+    def _complete_error(self, call: Call, desc: str, outcome: str, now: float) -> None:
+        call.done = True
+        request = call.request
+        self.observer.request_done(request.execute, outcome, now - call.received, 0.0)
+        self._fill(
+            call.client, call.slot, messages.error_reply(messages.GENERIC_ERROR, desc, request.has_id, request.id)
+        )
+
+    def _on_state_change(self, old: State, now: float) -> None:
+        new = self.upstream.state
+        self.observer.state_changed(old, new, self.upstream.resync_reason)
+        if new is State.READY:
+            # Commands that never answer were followed by a sync; its reply
+            # came, so they succeeded.
+            for table in (list(self._pending.values()), list(self._in_order)):
+                for call in table:
+                    if call.no_reply and not call.done:
+                        self._finish_no_reply(call, now)
+        elif new is State.UNAVAILABLE:
+            self._fail_queued(now)
+            for call in list(self._pending.values()) + list(self._in_order):
+                if call.no_reply and not call.done:
+                    self._finish_no_reply(call, now)
+
+    def _finish_no_reply(self, call: Call, now: float) -> None:
+        call.done = True
+        if call.up_id is not None:
+            self._pending.pop(call.up_id, None)
+        else:
+            try:
+                self._in_order.remove(call)
+            except ValueError:
+                pass
+        self.observer.request_done(call.request.execute, "ok", now - (call.sent or now), 0.0)
+        self._fill(call.client, call.slot, b"")
+
+    # -- time ----------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        old = self.upstream.tick(now)
+        if old is not None:
+            self._on_state_change(old, now)
+        resync = False
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, call = heapq.heappop(self._deadlines)
+            if call.done:
+                continue
+            if call.sent is None:
+                # Still queued: it never reached the agent.
+                try:
+                    call.client.queue.remove(call)
+                except ValueError:
+                    pass
+                if not call.client.queue and call.client.queued_for_turn:
+                    call.client.queued_for_turn = False
+                    try:
+                        self._turns.remove(call.client)
+                    except ValueError:
+                        pass
+            elif call.no_reply:
+                self._finish_no_reply(call, now)
+                continue
+            else:
+                if call.up_id is not None:
+                    self._pending.pop(call.up_id, None)
+                else:
+                    # Order is lost once a reply is late: the sync restores it.
+                    self._in_order.clear()
+                resync = True
+            self.observer.timeout(call.request.execute, call.timeout, call.client)
+            self._complete_error(
+                call,
+                "Guest agent command '%s' timed out after %g seconds" % (call.request.execute, call.timeout),
+                "timeout",
+                now,
+            )
+        if resync and self.upstream.state is not State.CONNECTING:
+            self.resyncs += 1
+            self.observer.resync("timeout")
+            self.upstream.resync(now, "timeout")
+
+
+def _local_sync_reply(request: Request) -> bytes | None:
+    """The agent's reply to a well-formed guest-sync(-delimited), or None
+    when the arguments are anything else (the agent then answers, with
+    its own error text)."""
+    args = request.arguments
+    if not isinstance(args, dict) or len(args) != 1:
+        return None
+    ident = args.get("id")
+    if type(ident) is not int or not (-(1 << 63) <= ident < (1 << 63)):
+        return None
+    reply = messages.return_reply(ident, request.has_id, request.id)
+    if request.execute == "guest-sync-delimited":
+        return b"\xff" + reply
+    return reply
