@@ -115,6 +115,7 @@ class _Fanout(Observer):
         log.info("agent %s -> %s%s%s", old.value, new.value, " after " + reason if reason and new is not State.READY else "", extra)
         if self.proxy.metrics:
             self.proxy.metrics.state_changed(old, new, reason)
+        self.proxy._state_changed.set()
 
     def timeout(self, command, after, client):
         log.warning("command %s from client %d timed out after %gs", command, client.number, after)
@@ -147,6 +148,7 @@ class Proxy:
         self.ready = trio.Event()
         self.metrics_listeners = []
         self._draining = False
+        self._state_changed = Signal()
         self._drained = Signal()
 
     # -- the one place that turns router changes into wake-ups -----------------
@@ -197,6 +199,11 @@ class Proxy:
             config.upstream,
         )
         self.ready.set()
+
+    async def wait_state(self, *states: State) -> None:
+        """Return once the upstream is in one of the given states."""
+        while self.upstream.state not in states:
+            await self._state_changed.wait()
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish for a short grace

@@ -50,7 +50,9 @@ class JSONParseError(Exception):
 # QDict order
 
 def _tdb_hash(key: str) -> int:
-    data = key.encode("utf-8", "surrogatepass")
+    # QEMU's parser stores U+0000 as the modified UTF-8 pair C0 80, so that
+    # is what the QDict hashes (measured: key "p\u0000a" sorts after "q").
+    data = key.encode("utf-8", "surrogatepass").replace(b"\x00", b"\xc0\x80")
     value = (0x238F13AF * len(data)) & 0xFFFFFFFF
     for i, byte in enumerate(data):
         value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
