@@ -1,0 +1,212 @@
+"""The stream codecs: whole, byte by byte, 0xFF at every offset, limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from qgaproxy import codec, qjson
+from qgaproxy.codec import FLUSH, Line, ParseError, ReplyDecoder, RequestDecoder, Sentinel, Value
+
+MESSAGES = [
+    b'{"execute": "guest-ping"}',
+    b'{"execute":"guest-sync-delimited","arguments":{"id":1234567890123},"id":"__qmp#00001"}',
+    b"{'execute': 'guest-file-write', 'arguments': {'handle': 1, 'buf-b64': 'aGVsbG8='}}",
+    b'{"execute": "x", "arguments": {"a": [1, -2.5e3, 0, true, false, null, {"b": "\\u00e9\\ud83d\\ude00"}]}, "id": -0}',
+    b'{"execute": "guest-ping", "id": "\xc3\xa9\xf0\x9f\x98\x80"}',
+]
+
+
+def events(decoder, data: bytes, step: int | None = None):
+    out = []
+    if step is None:
+        out.extend(decoder.feed(data))
+    else:
+        for i in range(0, len(data), step):
+            out.extend(decoder.feed(data[i : i + step]))
+    return out
+
+
+def values(evts):
+    return [e.value if isinstance(e, Value) else e for e in evts]
+
+
+@pytest.mark.parametrize("message", MESSAGES)
+def test_whole_and_byte_by_byte_give_the_same_value(message):
+    whole = values(events(RequestDecoder(), message))
+    assert len(whole) == 1 and isinstance(whole[0], dict)
+    assert values(events(RequestDecoder(), message, step=1)) == whole
+    assert values(events(RequestDecoder(), message, step=7)) == whole
+
+
+@pytest.mark.parametrize("separator", [b"", b"\n", b"\r\n", b" \t "])
+def test_stream_of_messages_with_or_without_separators(separator):
+    stream = separator.join(MESSAGES) + separator
+    whole = values(events(RequestDecoder(), stream))
+    assert len(whole) == len(MESSAGES)
+    assert values(events(RequestDecoder(), stream, step=1)) == whole
+
+
+@pytest.mark.parametrize("message", MESSAGES[:3])
+def test_sentinel_at_every_offset_flushes_the_partial_message(message):
+    expected = values(events(RequestDecoder(), message))
+    for k in range(len(message) + 1):
+        data = message[:k] + b"\xff" + message
+        for step in (None, 1):
+            got = values(events(RequestDecoder(), data, step))
+            if k == len(message):
+                assert got == expected + [FLUSH] + expected, k
+            else:
+                assert got == [FLUSH] + expected, (k, got)
+
+
+def test_sentinel_for_the_agent_is_a_stray_error():
+    # flush_on_sentinel=False is the agent's own behaviour (simulated agent)
+    got = events(RequestDecoder(flush_on_sentinel=False), b'{"execute": "gue\xff')
+    assert got == [ParseError("JSON parse error, stray '\"gue\ufffd'")]
+
+
+@pytest.mark.parametrize(
+    "data, desc",
+    [
+        (b"}", "JSON parse error, expecting value"),
+        (b"abc ", "JSON parse error, invalid keyword 'abc'"),
+        (b'{"execute"}', "JSON parse error, missing : in object pair"),
+        (b'{"execute": }', "JSON parse error, expecting value"),
+        (b'{"execute": "x",}', "JSON parse error, expecting value"),
+        (b'{"a" "b"}', "JSON parse error, missing : in object pair"),
+        (b'{"a": 1 "b": 2}', "JSON parse error, expected separator in dict"),
+        (b"[1 2]", "JSON parse error, expected separator in list"),
+        (b'{1: 2}', "JSON parse error, key is not a string in object"),
+        (b'{"a": "\\x"}', "JSON parse error, invalid escape sequence in string"),
+        (b'{"a": "\\uD800"}', "JSON parse error, \\uD800 is not a valid Unicode character"),
+        (b'{"a": "\\uFFFF"}', "JSON parse error, \\uFFFF is not a valid Unicode character"),
+        (b'{"a": "\xc3\x28"}', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"a": "\xed\xa0\x80"}', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"a": "\xc0\xaf"}', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b"\xc3\x28 ", "JSON parse error, stray '\ufffd'"),
+        (b"%d ", "JSON parse error, stray '%'"),
+    ],
+)
+def test_parse_errors_have_the_agents_text(data, desc):
+    got = events(RequestDecoder(), data)
+    assert got[0] == ParseError(desc)
+
+
+def test_modified_utf8_nul_is_accepted():
+    (event,) = events(RequestDecoder(), b'{"a": "x\xc0\x80y"}')
+    assert event.value == {"a": "x\x00y"}
+
+
+def test_numbers_follow_qemu():
+    (event,) = events(RequestDecoder(), b"[9223372036854775807, 18446744073709551615, 18446744073709551616, -9223372036854775809, 1e2]")
+    assert event.value == [9223372036854775807, 18446744073709551615, 1.8446744073709552e19, -9.223372036854776e18, 100.0]
+    assert [type(v) for v in event.value] == [int, int, float, float, float]
+
+
+def test_size_limit_at_and_over():
+    limit = 1000
+    body = b'{"execute": "x", "arguments": {"s": "'
+    tail = b'"}}'
+    # tokens: { "execute" : "x" , "arguments" : { "s" : STRING } } -> sizes add up
+    fixed = len(b'{"execute":"x","arguments":{"s":') + len(b"}}") + 2  # the quotes of STRING
+    at = b"a" * (limit - 1 - fixed)
+    ok = events(RequestDecoder(limit), body + at + tail)
+    assert isinstance(ok[0], Value)
+    over = events(RequestDecoder(limit), body + at + b"a" + tail)
+    assert over[0] == ParseError(codec.SIZE_LIMIT_DESC, oversize=True)
+
+
+def test_one_token_over_the_limit_byte_by_byte():
+    got = events(RequestDecoder(100), b'"' + b"a" * 200, step=1)
+    assert got[0] == ParseError(codec.SIZE_LIMIT_DESC, oversize=True)
+
+
+def test_the_agents_64_mib_limit():
+    dec = RequestDecoder()
+    chunk = b"A" * (1 << 20)
+    got = dec.feed(b'{"execute": "guest-file-write", "arguments": {"handle": 1, "buf-b64": "')
+    for _ in range(63):
+        got += dec.feed(chunk)
+    assert got == []
+    assert dec.buffered() > 63 << 20
+    got += dec.feed(chunk)
+    assert got[0] == ParseError(codec.SIZE_LIMIT_DESC, oversize=True)
+
+
+def test_nesting_limit():
+    ok = events(RequestDecoder(), b"[" * 1024 + b"]" * 1024)
+    assert isinstance(ok[0], Value)
+    deep = events(RequestDecoder(), b"[" * 1025 + b"]" * 1025)
+    assert deep[0] == ParseError(codec.NESTING_LIMIT_DESC)
+
+
+def test_decoder_recovers_after_errors_like_the_agent():
+    got = values(events(RequestDecoder(), b'}{"execute": "a"} xyz {"execute": "b"}'))
+    assert got[0] == ParseError("JSON parse error, expecting value")
+    assert got[1] == {"execute": "a"}
+    assert got[-1] == {"execute": "b"}
+
+
+# -- replies from the agent --------------------------------------------------
+
+REPLIES = [
+    b'{"return": {}, "id": 1}',
+    b'{"id": "x", "error": {"class": "GenericError", "desc": "a\\nb"}}',
+    b'{"return": {"version": "7.2.22", "supported_commands": []}}',
+]
+
+
+def test_reply_lines_whole_and_byte_by_byte():
+    stream = b"".join(r + b"\n" for r in REPLIES)
+    for step in (None, 1, 5):
+        got = events(ReplyDecoder(), stream, step)
+        assert got == [Line(r) for r in REPLIES]
+
+
+def test_garbage_before_the_sentinel_is_dropped():
+    for garbage in (b"", b"junk", b'{"return": {"half', b"\n\n  \n", b'{"return": 1}'):
+        stream = garbage + b'\xff{"return": 5}\n' + REPLIES[0] + b"\n"
+        for step in (None, 1):
+            got = events(ReplyDecoder(), stream, step)
+            tail = got[got.index(codec.SENTINEL_EVENT) :]
+            assert tail == [codec.SENTINEL_EVENT, Line(b'{"return": 5}'), Line(REPLIES[0])], garbage
+
+
+def test_sentinel_at_every_offset_of_a_reply():
+    reply = REPLIES[1]
+    for k in range(len(reply) + 1):
+        stream = reply[:k] + b"\xff" + reply + b"\n"
+        got = events(ReplyDecoder(), stream, 1)
+        assert got == [codec.SENTINEL_EVENT, Line(reply)], k
+
+
+def test_overlong_reply_line_is_dropped_and_counted():
+    dec = ReplyDecoder(max_line=100)
+    got = dec.feed(b"x" * 150)
+    got += dec.feed(b"y" * 10 + b"\n" + REPLIES[0] + b"\n")
+    assert got == [codec.Overflow(160), Line(REPLIES[0])]
+    assert dec.buffered() == 0
+
+
+# -- the writer -------------------------------------------------------------------
+
+
+def test_writer_matches_qemu():
+    assert qjson.dumps({"return": {}, "id": 1}) == '{"return": {}, "id": 1}'
+    assert qjson.dumps({"error": {"class": "C", "desc": "D"}, "id": 1}) == '{"id": 1, "error": {"class": "C", "desc": "D"}}'
+    assert qjson.dumps("é😀\x7f\x01/\"\\\n") == '"\\u00E9\\uD83D\\uDE00\\u007F\\u0001/\\"\\\\\\n"'
+    assert qjson.dumps([0.1, 1.5, 1e300, -0.0]) == "[0.10000000000000001, 1.5, 1.0000000000000001e+300, -0]"
+    assert qjson.dumps({"supported_commands": [], "version": "v"}) == '{"version": "v", "supported_commands": []}'
+    assert qjson.dumps({"name": "n", "success-response": True, "enabled": True}) == (
+        '{"enabled": true, "name": "n", "success-response": true}'
+    )
+
+
+def test_parse_then_write_round_trips_for_the_agent():
+    # what the proxy re-serializes for the agent parses back to the same value
+    for message in MESSAGES:
+        (event,) = events(RequestDecoder(), message)
+        again = qjson.dumpb(event.value, qdict_order=False)
+        (event2,) = events(RequestDecoder(), again)
+        assert event2.value == event.value
+        assert list(event2.value) == list(event.value)
