@@ -144,6 +144,7 @@ class Proxy:
         self._timer_wake = Signal()
         self._timer_at: float | None = None
         self._listeners: list[trio.SocketListener] = []
+        self._bound_paths: list[str] = []  # only these socket files are ours to remove
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
         self.metrics_listeners = []
@@ -169,16 +170,19 @@ class Proxy:
     # -- running -------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled or until SIGTERM/SIGINT (then drain and return)."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await self.start_serving(nursery)
-                task_status.started(self)
-                async for signum in signals:
-                    log.info("%s: stopping", signal.Signals(signum).name)
-                    break
-                await self.shutdown()
-                nursery.cancel_scope.cancel()
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await self.start_serving(nursery)
+                    task_status.started(self)
+                    async for signum in signals:
+                        log.info("%s: stopping", signal.Signals(signum).name)
+                        break
+                    await self.shutdown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._remove_socket_files()
 
     async def start_serving(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -192,6 +196,7 @@ class Proxy:
         for path in config.listen:
             listener = await transport.open_unix_listener(path, config.socket_mode)
             self._listeners.append(listener)
+            self._bound_paths.append(path)
             nursery.start_soon(self._accept_loop, listener, path)
         log.info(
             "qgaproxy ready: listening on %s, upstream %s",
@@ -218,7 +223,8 @@ class Proxy:
                 await self._drained.wait()
 
     def _remove_socket_files(self) -> None:
-        for path in self.config.listen:
+        paths, self._bound_paths = self._bound_paths, []
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -365,7 +365,11 @@ def _parse_value(toks: _Tokens) -> Any:
                         raise JSONParseError("JSON parse error, expecting value")
                     value, have_value = start(nxt)
                     continue
-                # state == "value": a pair is complete
+                # state == "value": a pair is complete. parse_pair() refuses
+                # a key seen before, once its value has parsed (measured:
+                # {"execute": "guest-ping", "execute": "guest-info"}).
+                if key in container:
+                    raise JSONParseError("JSON parse error, duplicate key")
                 container[key] = value
                 frame[3] = None
                 sep = toks.pop()
