@@ -81,10 +81,22 @@ def _serve(args) -> int:
     )
     try:
         trio.run(Proxy(config).run)
-    except OSError as exc:
-        print("qgaproxy: %s" % exc, file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as error:
+        leaves = list(_leaves(error))
+        if not all(isinstance(exc, OSError) for exc in leaves):
+            raise
+        for exc in leaves:
+            print("qgaproxy: %s" % exc, file=sys.stderr)
         return 1
     return 0
+
+
+def _leaves(error: BaseException):
+    if isinstance(error, BaseExceptionGroup):
+        for exc in error.exceptions:
+            yield from _leaves(exc)
+    else:
+        yield error
 
 
 def _demo(args) -> int:

@@ -30,6 +30,9 @@ log = logging.getLogger("qgaproxy")
 
 READ_SIZE = 256 * 1024
 
+# What a peer going away looks like from a trio stream.
+_CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
 
 @attrs.frozen
 class ProxyConfig:
@@ -163,6 +166,7 @@ class Proxy:
             self._upstream_wake.set()
         deadline = router.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
+            self._timer_at = deadline
             self._timer_wake.set()
         if self._draining:
             self._drained.set()
@@ -238,8 +242,10 @@ class Proxy:
             self._timer_at = deadline
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._timer_wake.wait()
-            self._timer_at = None
             router.tick(trio.current_time())
+            # What we sleep until next: _after() wakes us only for an
+            # earlier deadline than this.
+            self._timer_at = router.next_deadline()
             self._after()
 
     # -- upstream ----------------------------------------------------------------------
@@ -285,51 +291,62 @@ class Proxy:
             self._after()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._upstream_writer, stream)
-                    await self._upstream_reader(stream)
+                    nursery.start_soon(self._upstream_writer, stream, nursery.cancel_scope)
+                    why = await self._upstream_reader(stream)
                     nursery.cancel_scope.cancel()
-                log.warning("the agent channel closed")
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.warning("the agent channel failed: %s", exc)
+                log.warning("the agent channel %s", why)
             finally:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
                 router.upstream_lost(trio.current_time())
                 self._after()
 
-    async def _upstream_reader(self, stream) -> None:
+    async def _upstream_reader(self, stream) -> str:
+        """Read until the channel ends; return how it ended."""
         router = self.router
         while True:
-            data = await stream.receive_some(READ_SIZE)
+            try:
+                data = await stream.receive_some(READ_SIZE)
+            except _CONNECTION_ERRORS as exc:
+                return "failed: %s" % (exc.__cause__ or exc)
             if not data:
-                return
+                return "closed"
             router.upstream_data(data, trio.current_time())
             self._after()
 
-    async def _upstream_writer(self, stream) -> None:
+    async def _upstream_writer(self, stream, cancel_scope: trio.CancelScope) -> None:
         router = self.router
         while True:
             while not router.wants_write():
                 await self._upstream_wake.wait()
             data = router.take_upstream_write(trio.current_time())
             if data:
-                await stream.send_all(data)
+                try:
+                    await stream.send_all(data)
+                except _CONNECTION_ERRORS as exc:
+                    log.warning("writing to the agent channel failed: %s", exc.__cause__ or exc)
+                    cancel_scope.cancel()
+                    return
                 router.upstream_write_done(trio.current_time())
             self._after()
 
     # -- clients --------------------------------------------------------------------------
     async def _accept_loop(self, listener: trio.SocketListener, name: str) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return
-            except OSError as exc:
-                # EMFILE and friends: back off instead of spinning.
-                log.warning("accept on %s failed: %s", name, exc)
-                await trio.sleep(0.1)
-                continue
-            self._nursery.start_soon(self._serve_client, stream, name)
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    return
+                except OSError as exc:
+                    # EMFILE and friends: back off instead of spinning.
+                    log.warning("accept on %s failed: %s", name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                self._nursery.start_soon(self._serve_client, stream, name)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
 
     async def _serve_client(self, stream: trio.SocketStream, listener: str) -> None:
         peer = transport.peer_credentials(stream)
@@ -344,8 +361,6 @@ class Proxy:
                 nursery.start_soon(self._client_reader, session, nursery.cancel_scope)
                 await self._client_writer(session)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
         finally:
             self.router.remove_client(client)
             self._sessions.pop(client, None)
@@ -374,7 +389,7 @@ class Proxy:
                     return
                 router.client_data(client, data, trio.current_time())
                 self._after()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except _CONNECTION_ERRORS:
             cancel_scope.cancel()
 
     async def _client_writer(self, session: Session) -> None:
@@ -388,7 +403,10 @@ class Proxy:
             data = router.take_output(client)
             session.readable.set()
             with trio.move_on_after(self.config.client_write_timeout) as scope:
-                await session.stream.send_all(data)
+                try:
+                    await session.stream.send_all(data)
+                except _CONNECTION_ERRORS:
+                    return  # it left; what it was owed goes nowhere
             if scope.cancelled_caught:
                 log.warning(
                     "closing client %d: it left replies unread for %gs",

@@ -252,7 +252,9 @@ def _parse_string_slow(raw: bytes) -> str:
 
 
 def parse_number(kind: str, raw: bytes) -> int | float:
-    if kind == INTEGER:
+    # More than 21 characters cannot be an int64 or uint64 (and Python's
+    # int() refuses over 4300 digits): strtod() then, as QEMU does.
+    if kind == INTEGER and len(raw) <= 21:
         value = int(raw)
         if _INT64_MIN <= value <= _UINT64_MAX:
             return value
@@ -305,7 +307,10 @@ def _parse_scalar(tok) -> Any:
             return False
         if raw == b"null":
             return None
-        raise JSONParseError("JSON parse error, invalid keyword '%s'" % sanitize(raw))
+        # parse_error() formats into a 1024-byte buffer: a long keyword is
+        # cut to 1023 bytes of message (measured; keywords are ASCII).
+        message = "invalid keyword '%s'" % sanitize(raw)
+        raise JSONParseError("JSON parse error, " + message[:1023])
     raise JSONParseError("JSON parse error, expecting value")
 
 
@@ -472,48 +477,63 @@ def dumps(value: Any, qdict_order: bool = True) -> str:
     return "".join(out)
 
 
+class _Text(str):
+    """Output text queued on _dump()'s stack (as opposed to a value)."""
+
+    __slots__ = ()
+
+
+_SEPARATOR = _Text(", ")
+_END_OBJECT = _Text("}")
+_END_ARRAY = _Text("]")
+
+
 def _dump(value: Any, out: list[str], ordered: bool) -> None:
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, str):
-        out.append(quote(value))
-    elif isinstance(value, int):
-        out.append(str(value))
-    elif isinstance(value, float):
-        out.append("%.17g" % value)
-    elif isinstance(value, dict):
-        if not value:
-            out.append("{}")
-            return
-        keys = qdict_order(value) if ordered else list(value)
-        out.append("{")
-        first = True
-        for key in keys:
-            if not first:
-                out.append(", ")
-            first = False
-            out.append(quote(key))
-            out.append(": ")
-            _dump(value[key], out, ordered)
-        out.append("}")
-    elif isinstance(value, (list, tuple)):
-        if not value:
-            out.append("[]")
-            return
-        out.append("[")
-        first = True
-        for item in value:
-            if not first:
-                out.append(", ")
-            first = False
-            _dump(item, out, ordered)
-        out.append("]")
-    else:
-        raise TypeError("cannot serialize %r" % type(value).__name__)
+    # Iterative: the parser admits 1024 levels of nesting, deeper than
+    # Python's default recursion limit.
+    stack = [value]
+    push = stack.append
+    emit = out.append
+    while stack:
+        value = stack.pop()
+        if type(value) is _Text:
+            emit(value)
+        elif value is None:
+            emit("null")
+        elif value is True:
+            emit("true")
+        elif value is False:
+            emit("false")
+        elif isinstance(value, str):
+            emit(quote(value))
+        elif isinstance(value, int):
+            emit(str(value))
+        elif isinstance(value, float):
+            emit("%.17g" % value)
+        elif isinstance(value, dict):
+            if not value:
+                emit("{}")
+                continue
+            keys = qdict_order(value) if ordered else list(value)
+            emit("{")
+            push(_END_OBJECT)
+            for i in range(len(keys) - 1, -1, -1):
+                push(value[keys[i]])
+                push(_Text(quote(keys[i]) + ": "))
+                if i:
+                    push(_SEPARATOR)
+        elif isinstance(value, (list, tuple)):
+            if not value:
+                emit("[]")
+                continue
+            emit("[")
+            push(_END_ARRAY)
+            for i in range(len(value) - 1, -1, -1):
+                push(value[i])
+                if i:
+                    push(_SEPARATOR)
+        else:
+            raise TypeError("cannot serialize %r" % type(value).__name__)
 
 
 def dumpb(value: Any, qdict_order: bool = True) -> bytes:

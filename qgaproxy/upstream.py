@@ -261,8 +261,7 @@ class Upstream:
             # still in flight, or stale: the 0xFF's stray error included).
             return False, None
         if self._phase == "info":
-            ident = value.get("id")
-            if ident == self._info_id:
+            if self._info_id is not None and value.get("id") == self._info_id:
                 return True, self._learned(value, echoes=True, now=now)
             if "id" in value:
                 return False, None  # some in-flight request's reply

@@ -1,0 +1,273 @@
+"""The proxy end to end (trio shell, real unix sockets) against the
+simulated agent, for the faults the real agent cannot produce on demand.
+Time is trio's MockClock: a 5 s timeout takes no real time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from proxyutil import Client, run_proxy, wait_ready
+from qgaproxy import sim
+from qgaproxy.upstream import State
+
+TIMEOUT_DESC = "Guest agent command '%s' timed out after %g seconds"
+
+
+def agent(**knobs) -> sim.SimAgent:
+    return sim.SimAgent(sim.SimConfig(**knobs))
+
+
+def only_valid_requests_reached(a: sim.SimAgent) -> None:
+    """Everything the agent parsed is a request the proxy built: an object
+    with execute (a string), optional arguments (an object), and an id
+    that is the proxy's own integer (or none for syncs)."""
+    for received in a.received:
+        value = received.value
+        assert isinstance(value, dict), received
+        assert set(value) <= {"execute", "arguments", "id"}, received
+        assert isinstance(value["execute"], str), received
+        assert isinstance(value.get("arguments", {}), dict), received
+        if "id" in value:
+            assert type(value["id"]) is int and value["id"] > 1 << 40, received
+
+
+async def test_timeout_error_resync_late_reply_dropped_next_fine(autojump_clock):
+    a = agent(late={"guest-fsfreeze-freeze": 8.0})
+    async with run_proxy("sim", sim_agent=a, request_timeout=5.0) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            start = trio.current_time()
+            reply = await c.call("guest-fsfreeze-freeze", id="mine")
+            assert trio.current_time() - start == pytest.approx(5.0)
+            assert reply == {
+                "id": "mine",
+                "error": {"class": "GenericError", "desc": TIMEOUT_DESC % ("guest-fsfreeze-freeze", 5)},
+            }
+            # the channel resyncs behind the slow command; its late reply
+            # (at 8 s) matches nothing and is dropped
+            await proxy.wait_state(State.READY)
+            assert proxy.router.stale_replies == 1
+            assert await c.call("guest-ping", id=2) == {"return": {}, "id": 2}
+            assert await c.call("guest-fsfreeze-status") == {"return": "frozen"}
+    only_valid_requests_reached(a)
+
+
+async def test_hung_agent_becomes_unavailable_then_recovers(autojump_clock):
+    a = agent(hang={"guest-fstrim"})
+    async with run_proxy("sim", sim_agent=a, request_timeout=5.0, sync_timeout=1.0) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c, await Client.connect(
+            proxy.config.listen[0]
+        ) as other:
+            reply = await c.call("guest-fstrim", id=1)
+            assert reply["error"]["desc"] == TIMEOUT_DESC % ("guest-fstrim", 5)
+            await proxy.wait_state(State.UNAVAILABLE)
+            before = trio.current_time()
+            reply = await other.call("guest-ping", id=7)
+            assert trio.current_time() == before  # fast, not a wait
+            assert reply["id"] == 7 and reply["error"]["desc"].startswith("Guest agent is not available")
+            a.release()  # the hung command finishes; the queued syncs are answered
+            await proxy.wait_state(State.READY)
+            assert await other.call("guest-ping", id=8) == {"return": {}, "id": 8}
+
+
+@pytest.mark.parametrize("mode", ["ignore", "reject"])
+async def test_agent_without_id_echo(mode, autojump_clock):
+    a = agent(id_mode=mode, latency=0.001)
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        assert not proxy.upstream.info.echoes_id
+        results = {}
+
+        async def client(n):
+            async with await Client.connect(proxy.config.listen[0]) as c:
+                for i in range(5):
+                    await c.send({"execute": "guest-sync", "arguments": {"id": n * 100 + i}, "id": n})
+                    await c.send({"execute": "guest-get-host-name", "id": [n, i]})
+                got = [await c.reply() for _ in range(10)]
+                results[n] = got
+
+        async with trio.open_nursery() as nursery:
+            for n in range(6):
+                nursery.start_soon(client, n)
+        for n, got in results.items():
+            for i in range(5):
+                assert got[2 * i] == {"return": n * 100 + i, "id": n}
+                assert got[2 * i + 1] == {"return": {"host-name": "qgasim"}, "id": [n, i]}
+    # one at a time: never two requests in flight, and no id sent to it
+    assert all("id" not in r.value for r in a.received if r.value.get("execute") == "guest-get-host-name")
+
+
+async def test_shutdown_no_reply_closes_sender_when_qemu_exits(autojump_clock):
+    a = agent(goodbye="close", goodbye_delay=0.5)
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        path = proxy.config.listen[0]
+        async with await Client.connect(path) as sender, await Client.connect(path) as other:
+            await sender.send({"execute": "guest-shutdown"})
+            # no reply on success; when the channel closes, so does the sender
+            with trio.fail_after(30):
+                assert await sender.at_eof()
+            assert sender.buf == b""
+            # others are not closed; they get clear errors until it is back
+            reply = await other.call("guest-ping", id=1)
+            assert reply in ({"return": {}, "id": 1},) or reply["error"]["desc"].startswith(
+                "Guest agent is not available"
+            )
+            await proxy.wait_state(State.READY)  # a new agent on the channel
+            assert await other.call("guest-ping", id=2) == {"return": {}, "id": 2}
+
+
+async def test_shutdown_failure_error_reaches_sender(autojump_clock):
+    a = agent()
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            reply = await c.call("guest-shutdown", {"mode": "sideways"}, id=5)
+            assert reply["id"] == 5 and "error" in reply
+            assert await c.call("guest-ping", id=6) == {"return": {}, "id": 6}
+
+
+async def test_upstream_goes_away_and_comes_back(autojump_clock):
+    a = agent(close_after=6)  # per connection: stray error, sync, guest-info, 3 pings
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            answered = 0
+            for i in range(20):
+                reply = await c.call("guest-ping", id=i)
+                assert reply["id"] == i
+                if reply == {"return": {}, "id": i}:
+                    answered += 1
+                else:
+                    assert reply["error"]["desc"].startswith("Guest agent is not available")
+                    await proxy.wait_state(State.READY)
+            assert answered >= 10
+        assert a.connections >= 3
+
+
+async def test_garbage_and_half_reply_on_connect_are_skipped(autojump_clock):
+    for junk in (b"\x00garbage\n{]", sim.HALF_REPLY, b'{"return": 12345}\n', b'{"return": {}, "id": 1}\n'):
+        a = agent(on_connect=junk)
+        async with run_proxy("sim", sim_agent=a) as proxy:
+            await wait_ready(proxy)
+            async with await Client.connect(proxy.config.listen[0]) as c:
+                assert await c.call("guest-ping", id=1) == {"return": {}, "id": 1}
+
+
+async def test_bad_input_never_reaches_the_agent(autojump_clock):
+    a = agent()
+    bad = [
+        b"}",
+        b"[]",
+        b'"x"',
+        b"{}",
+        b'{"id": 1}',
+        b'{"execute": 1}',
+        b'{"execute": "guest-ping", "arguments": []}',
+        b'{"execute": "guest-ping", "foo": 1, "id": 3}',
+        b'{"exec-oob": "guest-ping"}',
+        b'{"execute": "guest-ping", "arguments": {"a": "\xc3\x28"}}',
+        b"\xfe\xfe",
+        b'{"execute": "guest-ping"' + b"\xff",
+        b"[" * 1025,
+    ]
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            for data in bad:
+                await c.send(data + b"\n")
+            await c.send(b'{"execute": "guest-ping", "id": "after"}')
+            lines = []
+            while True:
+                reply = await c.reply()
+                lines.append(reply)
+                if reply.get("id") == "after":
+                    break
+            assert lines[-1] == {"return": {}, "id": "after"}
+            assert all("error" in r for r in lines[:-1])
+    only_valid_requests_reached(a)
+    executed = [r.value["execute"] for r in a.received if "id" in r.value]
+    assert executed == ["guest-info", "guest-ping"]
+
+
+async def test_client_that_never_reads_does_not_hold_up_others(autojump_clock):
+    a = agent(latency=0.001)
+    async with run_proxy("sim", sim_agent=a, client_backlog=8, client_write_timeout=30.0) as proxy:
+        await wait_ready(proxy)
+        path = proxy.config.listen[0]
+        hog = await trio.open_unix_socket(path)
+        payload = json.dumps({"execute": "guest-get-osinfo"}).encode() * 200
+
+        async def flood():
+            try:
+                await hog.send_all(payload * 200)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            async with await Client.connect(path) as c:
+                for i in range(50):
+                    assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
+            # the hog is disconnected once its replies sat unread too long
+            with trio.fail_after(300):
+                while proxy.router.clients and any(cl.number == 1 for cl in proxy.router.clients):
+                    await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        await hog.aclose()
+
+
+async def test_flooding_client_does_not_starve_another(autojump_clock):
+    a = agent(latency=0.01)
+    async with run_proxy("sim", sim_agent=a, window=1) as proxy:
+        await wait_ready(proxy)
+        path = proxy.config.listen[0]
+        async with await Client.connect(path) as flood, await Client.connect(path) as polite:
+            await flood.send(b'{"execute": "guest-ping"}' * 40)
+            start = trio.current_time()
+            assert await polite.call("guest-ping", id=1) == {"return": {}, "id": 1}
+            # served in its turn (round robin), not after the 40 queued pings
+            assert trio.current_time() - start < 0.1
+            for _ in range(40):
+                await flood.reply()
+
+
+async def test_sync_answered_locally_costs_no_round_trip(autojump_clock):
+    a = agent()
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        before = len(a.received)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            await c.send(b'{"execute":"guest-sync-delimited","arguments":{"id":77}}\n')
+            assert await c.read_line() == b'\xff{"return": 77}\n'
+            assert await c.call("guest-sync", {"id": 78}) == {"return": 78}
+        assert len(a.received) == before
+
+
+async def test_sentinel_from_client_flushes_partial_input(autojump_clock):
+    a = agent()
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            await c.send(b'{"execute": "guest-pi\xff{"execute": "guest-ping", "id": 1}')
+            assert await c.reply() == {"return": {}, "id": 1}
+
+
+async def test_agent_stops_reading_requests_fail_fast_then_recover(autojump_clock):
+    a = agent()
+    async with run_proxy("sim", sim_agent=a, request_timeout=5.0) as proxy:
+        await wait_ready(proxy)
+        a.stop_reading()
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            reply = await c.call("guest-ping", id=1)
+            assert reply["error"]["desc"] == TIMEOUT_DESC % ("guest-ping", 5)
+            await proxy.wait_state(State.UNAVAILABLE)
+            reply = await c.call("guest-ping", id=2)
+            assert reply["error"]["desc"].startswith("Guest agent is not available")
+            a.resume()
+            await proxy.wait_state(State.READY)
+            assert await c.call("guest-ping", id=3) == {"return": {}, "id": 3}
