@@ -113,9 +113,11 @@ def many_clients(path: str, clients: int, seconds: float) -> float:
     return total / elapsed
 
 
-def start_proxy(upstream: str, listen: str) -> subprocess.Popen:
+def start_proxy(upstream: str, listen: str, window: int | None = None) -> subprocess.Popen:
+    extra = ["--window", str(window)] if window else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qgaproxy", "serve", "--upstream", upstream, "--listen", listen, "--log-level", "warning"],
+        [sys.executable, "-m", "qgaproxy", "serve", "--upstream", upstream, "--listen", listen, "--log-level", "warning"]
+        + extra,
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 10
@@ -146,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--pings", type=int, default=3000)
+    parser.add_argument("--window", type=int, default=None)
     args = parser.parse_args()
     results = {"machine": "%s, %d cores, Python %s" % (platform.machine(), os.cpu_count(), platform.python_version())}
     with RealAgent(verbose=False) as agent:
@@ -153,7 +156,7 @@ def main() -> None:
         results["direct_pipelining_rps"] = round(pipelining(agent.path, args.seconds))
         tmp = tempfile.mkdtemp()
         listen = os.path.join(tmp, "proxy.sock")
-        proxy = start_proxy("unix:" + str(agent.path), listen)
+        proxy = start_proxy("unix:" + str(agent.path), listen, args.window)
         try:
             results["proxy_sequential"] = summary(sequential(listen, args.pings))
             results["proxy_16_clients_rps"] = round(many_clients(listen, 16, args.seconds))

@@ -271,3 +271,32 @@ async def test_agent_stops_reading_requests_fail_fast_then_recover(autojump_cloc
             a.resume()
             await proxy.wait_state(State.READY)
             assert await c.call("guest-ping", id=3) == {"return": {}, "id": 3}
+
+
+async def test_falls_back_to_guest_sync_without_the_delimited_command(autojump_clock):
+    a = agent(blocked={"guest-sync-delimited"})
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        await wait_ready(proxy)
+        assert not proxy.upstream.use_delimited
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            assert await c.call("guest-ping", id=1) == {"return": {}, "id": 1}
+    syncs = [r.value["execute"] for r in a.received if r.value.get("execute", "").startswith("guest-sync")]
+    assert syncs == ["guest-sync-delimited", "guest-sync"]
+
+
+async def test_agent_started_late_is_served_at_once(autojump_clock):
+    # QEMU accepts the socket while the guest boots; nothing reads it.
+    a = agent(stop_reading=True)
+    async with run_proxy("sim", sim_agent=a, sync_timeout=1.0, backoff_max=5.0) as proxy:
+        await proxy.wait_state(State.UNAVAILABLE)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            before = trio.current_time()
+            reply = await c.call("guest-ping", id=1)
+            assert trio.current_time() == before
+            assert reply["error"]["desc"].startswith("Guest agent is not available")
+            await trio.sleep(30)  # many retries' worth of virtual time
+            a.resume()  # the agent starts and reads what QEMU buffered
+            up = trio.current_time()
+            await proxy.wait_state(State.READY)
+            assert trio.current_time() - up < 1.0
+            assert await c.call("guest-ping", id=2) == {"return": {}, "id": 2}
