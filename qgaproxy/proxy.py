@@ -289,6 +289,7 @@ class Proxy:
             self.metrics.connected()
             router.upstream_connected(trio.current_time())
             self._after()
+            why = "failed while writing"  # unless the reader says otherwise
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._upstream_writer, stream, nursery.cancel_scope)

@@ -114,7 +114,8 @@ async def written_upstream(proxy, count: int) -> None:
 
 
 async def kill_agent(agent) -> None:
-    agent.proc.terminate()
+    # SIGKILL: qemu-ga busy writing replies may take long to act on SIGTERM.
+    agent.proc.kill()
     await trio.to_thread.run_sync(agent.proc.wait, STEP)
 
 
