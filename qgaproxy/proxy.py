@@ -388,7 +388,14 @@ class Proxy:
                     client.closing = True
                     session.writable.set()
                     return
-                router.client_data(client, data, trio.current_time())
+                try:
+                    router.client_data(client, data, trio.current_time())
+                except Exception:
+                    # A bug must cost this client its connection, not every
+                    # client the proxy: log it loudly and hang up.
+                    log.exception("internal error on client %d's input; closing it", client.number)
+                    cancel_scope.cancel()
+                    return
                 self._after()
         except _CONNECTION_ERRORS:
             cancel_scope.cancel()

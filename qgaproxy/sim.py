@@ -713,8 +713,9 @@ class SimAgent:
             cut = len(text)
             if isinstance(last, Value) and isinstance(last.value, (dict, list)):
                 cut = _container_start(text)
+            before = text[:cut].rstrip()
             for event in events[:-1]:
-                yield event, text[:cut].rstrip()
+                yield event, before
             yield last, text[cut:]
         elif self._decoder.idle():
             self._pending.clear()  # whitespace between messages
