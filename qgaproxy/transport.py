@@ -60,10 +60,10 @@ async def open_serial(path: str) -> trio.lowlevel.FdStream:
             # Raw: no echo, no line editing, no CR/LF translation; bytes are
             # bytes, as the agent's own isa-serial mode expects.
             tty.setraw(fd, termios.TCSANOW)
-        return trio.lowlevel.FdStream(fd)
-    finally:
-        # FdStream dup()s the descriptor; ours is no longer needed.
+    except BaseException:
         os.close(fd)
+        raise
+    return trio.lowlevel.FdStream(fd)  # it owns (and closes) the descriptor
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -10,6 +10,7 @@ if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 
 need=()
 [ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v socat >/dev/null || need+=(socat)
 command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,4 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+# The tiny VM the tests boot (a Debian kernel, busybox and the real
+# qemu-ga in an initramfs), built once and cached.
+bash tests/vm/build.sh
 exec python3 -m pytest -q "$@"
