@@ -20,23 +20,26 @@ What the simulator owns:
   does, and counters (``received``, ``replies_sent``, ``dropped``, ...) that
   tests assert on.
 
-What it must never do: touch the host (no real files, processes, clocks or
-threads: the guest file system and processes are in memory, and all time is
-trio time so tests can run it under a MockClock), answer anything out of
+What it must never do: touch the host (no real files, processes or threads:
+the guest file system and processes are in memory; all waiting is in trio
+time so tests can run it under a MockClock, and the wall clock is read once,
+for guest-get-time, unless SimConfig.epoch_ns is set), answer anything out of
 order or concurrently (the real agent is one thread: a slow or hung command
-blocks every request behind it), or invent wire behaviour: where the real
-agent's text is unknown the sim sticks to what it can show was measured, and
-says so in a comment.
+blocks every request behind it), or invent wire behaviour. Every error text
+was measured against qemu-ga 7.2.22 (tests/test_sim.py compares the two byte
+for byte), except the few that only a root agent could show, taken from
+QEMU's source and marked so; the answers that describe the machine (host
+name, interfaces, file systems...) are made up but shaped like the real ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import math
 import os
 import posixpath
 import re
+import signal
 import stat
 import sys
 import time
@@ -111,7 +114,8 @@ _ARGS = {name: args for name, _, args in COMMANDS}
 # (ga_command_init_blockedrpcs): guest-info lists them enabled false.
 ALWAYS_BLOCKED = frozenset({"guest-get-devices"})
 
-# qga/main.c ga_freeze_allowlist: all that still runs while frozen.
+# qga/main.c ga_freeze_allowlist: all that still runs while frozen (from the
+# source: freezing needs root; what a freeze does to the others is measured).
 FREEZE_ALLOWED = frozenset(
     {"guest-ping", "guest-info", "guest-sync", "guest-sync-delimited",
      "guest-fsfreeze-status", "guest-fsfreeze-thaw"}
@@ -133,7 +137,7 @@ HALF_REPLY = b'{"return": {"count": 5, "buf-b64": "aGVs'
 
 # Where a message can end (see SimAgent._feed), and how much of one the
 # received-bytes record keeps.
-_CUT = re.compile(rb"[}\]\n\xff]")
+_CUT = re.compile(rb"[}\]\xff]")
 _PENDING_MAX = (64 << 20) + 4096
 _BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{}\[\]]', re.S)
 
@@ -457,15 +461,19 @@ def _echo(args: list[str], stdin: bytes) -> FakeRun:
     return FakeRun(stdout=(" ".join(args) + ("\n" if newline else "")).encode())
 
 
+_SLEEP_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def _sleep(args: list[str], stdin: bytes) -> FakeRun:
-    try:
-        seconds = sum(float(a) for a in args) if args else math.nan
-    except ValueError:
-        seconds = math.nan
+    usage = b"Try 'sleep --help' for more information.\n"
     if not args:
-        return FakeRun(exitcode=1, stderr=b"sleep: missing operand\nTry 'sleep --help' for more information.\n")
-    if math.isnan(seconds) or seconds < 0:
-        return FakeRun(exitcode=1, stderr=b"sleep: invalid time interval\nTry 'sleep --help' for more information.\n")
+        return FakeRun(exitcode=1, stderr=b"sleep: missing operand\n" + usage)
+    seconds = 0.0
+    for arg in args:  # GNU sleep adds up its operands
+        m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", arg)
+        if m is None:
+            return FakeRun(exitcode=1, stderr=b"sleep: invalid time interval '%s'\n" % arg.encode() + usage)
+        seconds += float(m.group(1)) * _SLEEP_UNITS[m.group(2)]
     return FakeRun(duration=seconds)
 
 
@@ -511,6 +519,7 @@ _INTERFACES = [
 _DISK_ADDRESS = {"pci-controller": {"domain": 0, "bus": 0, "slot": 4, "function": 0},
                  "bus-type": "virtio", "bus": 0, "target": 0, "unit": 0, "dev": "/dev/vda"}
 _HOMES = {"root": "/root", "nobody": "/nonexistent"}
+_MEMORY_BLOCKS = 8
 
 
 # ---------------------------------------------------------------------------
@@ -607,6 +616,11 @@ class SimAgent:
         self._next_handle = FIRST_HANDLE  # persisted by the real agent: survives restart()
         self._next_pid = 4000
         self._time_offset_ns: int | None = None
+        # The guest's file system: path -> content, and the directories.
+        self.fs: dict[str, bytearray] = {}
+        self.dirs: set[str] = {"/", "/tmp", "/root", "/etc", "/var", "/home", "/boot"}
+        for path, content in self.config.files.items():
+            self.put_file(path, content)
         self.restart()
 
     # -- process lifecycle ---------------------------------------------------
@@ -622,11 +636,6 @@ class SimAgent:
         blocked = ALWAYS_BLOCKED | self.config.blocked
         # command -> disable reason (None: plain "has been disabled")
         self.disabled: dict[str, str | None] = {name: None for name, _, _ in COMMANDS if name in blocked}
-        if not hasattr(self, "fs"):
-            self.fs: dict[str, bytearray] = {}
-            self.dirs: set[str] = {"/", "/tmp", "/root", "/etc", "/var", "/home", "/boot"}
-            for path, content in self.config.files.items():
-                self.put_file(path, content)
 
     def put_file(self, path: str, content: bytes) -> None:
         """Create (or replace) a guest file, and its parent directories."""
@@ -862,10 +871,16 @@ class SimAgent:
         return [{"logical-id": i, "online": True, "can-offline": i != 0} for i in range(self.config.vcpus)]
 
     def _cmd_guest_set_vcpus(self, vcpus):
-        if not vcpus:
-            # Not measured (needs a writable /sys); QERR_INVALID_PARAMETER_VALUE.
-            raise _CmdError("Parameter 'vcpus' expects non-empty")
-        return len(vcpus)
+        # Each vCPU in turn; the first failure stops the loop, and is only
+        # reported if nothing was processed (measured for [] and a missing CPU).
+        processed = 0
+        for vcpu in vcpus:
+            if not 0 <= vcpu["logical-id"] < self.config.vcpus:
+                if processed:
+                    break
+                raise _CmdError('open("/sys/devices/system/cpu/cpu%d/"): No such file or directory' % vcpu["logical-id"])
+            processed += 1
+        return processed
 
     def _cmd_guest_network_get_interfaces(self):
         return [dict(i) for i in _INTERFACES]
@@ -891,10 +906,14 @@ class SimAgent:
         ]
 
     def _cmd_guest_get_memory_blocks(self):
-        return [{"phys-index": i, "online": True, "can-offline": True} for i in range(8)]
+        return [{"phys-index": i, "online": True, "can-offline": True} for i in range(_MEMORY_BLOCKS)]
 
     def _cmd_guest_set_memory_blocks(self, mem_blks):
-        return [{"phys-index": b["phys-index"], "response": "success"} for b in mem_blks]
+        return [
+            {"phys-index": b["phys-index"], "response": "success"} if b["phys-index"] < _MEMORY_BLOCKS
+            else {"phys-index": b["phys-index"], "response": "not-found", "error-code": 2}  # ENOENT
+            for b in mem_blks
+        ]
 
     def _cmd_guest_get_memory_block_info(self):
         return {"size": 134217728}
@@ -914,35 +933,47 @@ class SimAgent:
             raise _CmdError("forbidden characters in username")
         return None
 
-    # ssh keys live in the guest file system, as in the real agent.
+    # ssh keys live in the guest file system (qga/commands-posix-ssh.c).
     def _authkeys_path(self, username: str) -> str:
         if username not in _HOMES:
-            raise _CmdError("failed to lookup user '%s': Success" % username)
+            raise _CmdError("failed to lookup user '%s': Success" % username)  # measured
         return _HOMES[username] + "/.ssh/authorized_keys"
 
     def _read_authkeys(self, path: str) -> list[str]:
         if path not in self.fs:
-            raise _CmdError(
+            raise _CmdError(  # measured
                 "failed to read '%s': Failed to open file \u201c%s\u201d: No such file or directory" % (path, path)
             )
         return self.fs[path].decode("utf-8", "replace").split("\n")
 
+    @staticmethod
+    def _check_keys(keys: list[str]) -> None:
+        # From the source (check_openssh_pub_key): writing keys needs root.
+        for key in keys:
+            if key.startswith("#") or "\n" in key:
+                raise _CmdError("invalid OpenSSH public key: '%s'" % key)
+
     def _cmd_guest_ssh_get_authorized_keys(self, username):
-        lines = self._read_authkeys(self._authkeys_path(username))
+        lines = [line.strip() for line in self._read_authkeys(self._authkeys_path(username))]
         keys = [line for line in lines if line and not line.startswith("#")]
         return {"keys": keys[::-1]}  # QAPI_LIST_PREPEND: last line first
 
     def _cmd_guest_ssh_add_authorized_keys(self, username, keys, reset=False):
+        self._check_keys(keys)
         path = self._authkeys_path(username)
-        have = [] if reset or path not in self.fs else [k for k in self._read_authkeys(path) if k]
-        have += [k for k in keys if k not in have]
-        self.put_file(path, "".join(k + "\n" for k in have).encode())
+        lines = [] if reset or path not in self.fs else self._read_authkeys(path)
+        for key in keys:
+            if key not in lines:
+                lines.append(key)
+        self.put_file(path, "\n".join(lines).encode())  # g_strjoinv: no final newline
         return None
 
     def _cmd_guest_ssh_remove_authorized_keys(self, username, keys):
+        self._check_keys(keys)
         path = self._authkeys_path(username)
-        have = [k for k in self._read_authkeys(path) if k and k not in keys]
-        self.put_file(path, "".join(k + "\n" for k in have).encode())
+        if path in self.fs:
+            lines = [line for line in self._read_authkeys(path) if line not in keys]
+            self.put_file(path, "\n".join(lines).encode())
         return None
 
     # -- guest-file-* ------------------------------------------------------
@@ -968,12 +999,18 @@ class SimAgent:
 
         full = self._resolve(path)
         parent = posixpath.dirname(full)
+        if not path:
+            fail("ENOENT")
         if parent not in self.dirs:
             # A path through a regular file is ENOTDIR, else ENOENT.
             probe = parent
             while probe not in self.dirs and probe not in self.fs:
                 probe = posixpath.dirname(probe)
             fail("ENOTDIR" if probe in self.fs else "ENOENT")
+        if path.endswith("/") and full not in self.dirs:
+            # open(2) of "name/" that is no directory (measured): with O_CREAT
+            # EISDIR; else ENOTDIR for a file, ENOENT for nothing
+            fail("EISDIR" if create else "ENOTDIR" if full in self.fs else "ENOENT")
         if full in self.dirs:
             if writable:
                 fail("EISDIR")
@@ -986,8 +1023,6 @@ class SimAgent:
             data = self.fs[full] = bytearray()
         else:
             fail("ENOENT")
-        if path.endswith("/") and data is not None:
-            fail("ENOTDIR")
         handle = self._next_handle
         self._next_handle += 1
         self.handles[handle] = _Handle(full, data, readable, writable, append)
@@ -1276,11 +1311,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = (agent.config.blocked | agent.config.hang | agent.config.drop) - set(_ARGS)
     if unknown:
         print("warning: no such command: %s" % ", ".join(sorted(unknown)), file=sys.stderr)
-    try:
-        trio.run(serve_unix, agent, ns.listen)
-    except KeyboardInterrupt:
-        pass
+    trio.run(_run_until_signalled, agent, ns.listen)
     return 0
+
+
+async def _run_until_signalled(agent: SimAgent, path: str) -> None:
+    # SIGTERM or SIGINT: stop serving and remove the socket.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_unix, agent, path)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 if __name__ == "__main__":
