@@ -96,3 +96,41 @@ class Client:
 
     async def __aexit__(self, *exc):
         await self.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Busy clients for fault scenarios (tests/vm/test_vm_proxy.py,
+# tests/test_serial.py): each keeps requests pipelined through the proxy and
+# checks every reply as it comes: exactly one per request, in order, with the
+# request's own id and a body that fits the command it sent.
+# ---------------------------------------------------------------------------
+
+import collections  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+NOT_AVAILABLE = "Guest agent is not available: "
+_TIMED_OUT = re.compile(r"^Guest agent command '([^']*)' timed out after [0-9.]+ seconds$")
+
+
+class Progress:
+    """A wake-up the busy clients pulse after every reply; tests wait on
+    predicates over the clients' records, each wait bounded."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def until(self, predicate, timeout: float, what: str = "condition", describe=None) -> None:
+        try:
+            with trio.fail_after(timeout):
+                while not predicate():
+                    await self._event.wait()
+        except trio.TooSlowError:
+            extra = describe() if describe else ""
+            raise AssertionError(f"{what}: not reached within {timeout}s {extra}") from None
+

@@ -210,3 +210,15 @@ def test_parse_then_write_round_trips_for_the_agent():
         (event2,) = events(RequestDecoder(), again)
         assert event2.value == event.value
         assert list(event2.value) == list(event.value)
+
+
+def test_token_count_limit_at_and_over():
+    # 2^21 tokens are accepted, one more is refused (json-streamer.c)
+    def array(tokens):  # "[" + n zeros + commas + "]" = 2n + 1 tokens
+        n = (tokens - 1) // 2
+        return b"[" + b"0," * (n - 1) + b"0]"
+
+    ok = events(RequestDecoder(), array(codec.MAX_TOKEN_COUNT - 1))
+    assert isinstance(ok[0], Value) and len(ok[0].value) == (codec.MAX_TOKEN_COUNT - 2) // 2
+    over = events(RequestDecoder(), array(codec.MAX_TOKEN_COUNT + 1))
+    assert over[0] == ParseError(codec.COUNT_LIMIT_DESC, oversize=True)
