@@ -27,37 +27,75 @@ _STATES = [s.value for s in State]
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class Metrics(Observer):
-    def __init__(self, upstream: Upstream, registry: CollectorRegistry | None = None):
-        self.upstream = upstream
+class MetricsRegistry:
+    """The metric families of one process; every series carries the
+    ``agent`` label (the agent's configured name)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.agent_up = Gauge("qgaproxy_agent_up", "1 when the guest agent is synced and ready", registry=r)
+        self.agent_up = Gauge("qgaproxy_agent_up", "1 when the guest agent is synced and ready", ["agent"], registry=r)
         self.agent_state = Gauge(
-            "qgaproxy_agent_state", "1 for the upstream channel's current state", ["state"], registry=r
+            "qgaproxy_agent_state", "1 for the upstream channel's current state", ["agent", "state"], registry=r
         )
         self.requests = Counter(
-            "qgaproxy_requests", "Requests from clients, by command and outcome", ["command", "outcome"], registry=r
+            "qgaproxy_requests",
+            "Requests from clients, by command and outcome",
+            ["agent", "command", "outcome"],
+            registry=r,
         )
         self.duration = Histogram(
             "qgaproxy_request_duration_seconds",
             "Time from sending a request to the agent to its reply",
-            ["command"],
+            ["agent", "command"],
             buckets=_BUCKETS,
             registry=r,
         )
-        self.clients = Gauge("qgaproxy_clients_connected", "Client connections open", ["listener"], registry=r)
-        self.resyncs = Counter("qgaproxy_resyncs", "Resyncs of the agent channel, by reason", ["reason"], registry=r)
-        self.stale = Counter("qgaproxy_stale_replies_dropped", "Agent replies that matched no request", registry=r)
-        self.garbage_bytes = Counter(
-            "qgaproxy_upstream_garbage_bytes", "Bytes from the agent that were not a reply", registry=r
+        self.clients = Gauge(
+            "qgaproxy_clients_connected", "Client connections open", ["agent", "listener"], registry=r
         )
-        self.timeouts = Counter("qgaproxy_request_timeouts", "Requests that timed out", registry=r)
-        self.reconnects = Counter("qgaproxy_upstream_connects", "Connections made to the agent channel", registry=r)
+        self.resyncs = Counter(
+            "qgaproxy_resyncs", "Resyncs of the agent channel, by reason", ["agent", "reason"], registry=r
+        )
+        self.stale = Counter(
+            "qgaproxy_stale_replies_dropped", "Agent replies that matched no request", ["agent"], registry=r
+        )
+        self.garbage_bytes = Counter(
+            "qgaproxy_upstream_garbage_bytes", "Bytes from the agent that were not a reply", ["agent"], registry=r
+        )
+        self.timeouts = Counter("qgaproxy_request_timeouts", "Requests that timed out", ["agent"], registry=r)
+        self.connects = Counter(
+            "qgaproxy_upstream_connects", "Connections made to the agent channel", ["agent"], registry=r
+        )
+
+    def for_agent(self, name: str, upstream: Upstream) -> "Metrics":
+        return Metrics(self, name, upstream)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+class Metrics(Observer):
+    """One agent's view of the registry: the label bound, Observer hooks."""
+
+    def __init__(self, family: MetricsRegistry, name: str, upstream: Upstream):
+        self.family = family
+        self.name = name
+        self.upstream = upstream
+        f = family
+        self.agent_up = f.agent_up.labels(name)
+        self.stale = f.stale.labels(name)
+        self.garbage_bytes = f.garbage_bytes.labels(name)
+        self.timeouts = f.timeouts.labels(name)
+        self.connects = f.connects.labels(name)
+        self._requests: dict = {}
+        self._durations: dict = {}
+        self._listeners: set[str] = set()
+        self.agent_up.set(0)
         for state in _STATES:
-            self.agent_state.labels(state).set(1 if state == upstream.state.value else 0)
+            f.agent_state.labels(name, state).set(1 if state == upstream.state.value else 0)
         for reason in ("connect", "timeout", "no-reply command"):
-            self.resyncs.labels(reason)
+            f.resyncs.labels(name, reason)
 
     def _command_label(self, command: str | None) -> str:
         if command is None:
@@ -67,12 +105,36 @@ class Metrics(Observer):
             return command
         return "other"
 
+    def remove(self) -> None:
+        """Forget this agent's series (it was removed from the configuration)."""
+        f = self.family
+        name = self.name
+        for metric in (f.agent_up, f.stale, f.garbage_bytes, f.timeouts, f.connects):
+            _quiet_remove(metric, name)
+        for state in _STATES:
+            _quiet_remove(f.agent_state, name, state)
+        for reason in ("connect", "timeout", "no-reply command"):
+            _quiet_remove(f.resyncs, name, reason)
+        for command, outcome in self._requests:
+            _quiet_remove(f.requests, name, command, outcome)
+        for command in self._durations:
+            _quiet_remove(f.duration, name, command)
+        for listener in self._listeners:
+            _quiet_remove(f.clients, name, listener)
+
     # -- Observer --------------------------------------------------------------
     def request_done(self, command, outcome, duration, queued):
         label = self._command_label(command)
-        self.requests.labels(label, outcome).inc()
+        key = (label, outcome)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.family.requests.labels(self.name, label, outcome)
+        counter.inc()
         if outcome in ("ok", "error") and duration > 0:
-            self.duration.labels(label).observe(duration)
+            histogram = self._durations.get(label)
+            if histogram is None:
+                histogram = self._durations[label] = self.family.duration.labels(self.name, label)
+            histogram.observe(duration)
 
     def stale_reply(self, why):
         self.stale.inc()
@@ -81,27 +143,32 @@ class Metrics(Observer):
         self.garbage_bytes.inc(nbytes)
 
     def resync(self, reason):
-        self.resyncs.labels(reason).inc()
+        self.family.resyncs.labels(self.name, reason).inc()
 
     def state_changed(self, old, new, reason):
         self.agent_up.set(1 if new is State.READY else 0)
         for state in _STATES:
-            self.agent_state.labels(state).set(1 if state == new.value else 0)
+            self.family.agent_state.labels(self.name, state).set(1 if state == new.value else 0)
 
     def timeout(self, command, after, client):
         self.timeouts.inc()
 
     def connected(self):
-        self.reconnects.inc()
+        self.connects.inc()
 
     def client_opened(self, listener: str):
-        self.clients.labels(listener).inc()
+        self._listeners.add(listener)
+        self.family.clients.labels(self.name, listener).inc()
 
     def client_closed(self, listener: str):
-        self.clients.labels(listener).dec()
+        self.family.clients.labels(self.name, listener).dec()
 
-    def exposition(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+
+def _quiet_remove(metric, *labels) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -115,14 +182,14 @@ def parse_host_port(text: str) -> tuple[str, int]:
 _MAX_REQUEST = 8192
 
 
-async def serve_metrics(metrics: Metrics, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED):
+async def serve_metrics(metrics: MetricsRegistry, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED):
     listeners = await trio.open_tcp_listeners(port, host=host)
     log.info("metrics on http://%s:%d/metrics", host, listeners[0].socket.getsockname()[1])
     task_status.started(listeners)
     await trio.serve_listeners(lambda stream: _handle_http(metrics, stream), listeners)
 
 
-async def _handle_http(metrics: Metrics, stream: trio.SocketStream) -> None:
+async def _handle_http(metrics: MetricsRegistry, stream: trio.SocketStream) -> None:
     try:
         with trio.move_on_after(10):
             data = b""

@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from . import transport
-from .metrics import Metrics
+from .metrics import MetricsRegistry
 from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Client, Observer, Router
 from .transport import UpstreamAddress
 from .upstream import State, Timings, Upstream
@@ -36,12 +36,21 @@ _CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSErro
 
 @attrs.frozen
 class ProxyConfig:
+    """One agent's runtime settings (see config.py for the file form)."""
+
     upstream: UpstreamAddress
-    listen: tuple[str, ...]
+    listen: tuple[str, ...] = ()
+    name: str = "default"
+    # Listener details (mode, owner, group, name); when empty, one
+    # ListenerConfig per path in listen with socket_mode.
+    listeners: tuple = ()
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    command_timeouts: tuple = ()
     window: int = DEFAULT_WINDOW
     sync_timeout: float = 1.0
+    backoff_min: float = 0.1
     backoff_max: float = 5.0
+    max_message_size: int = 64 << 20
     client_backlog: int = DEFAULT_CLIENT_BACKLOG
     # A client that leaves replies unread this long is disconnected.
     client_write_timeout: float = 30.0
@@ -50,6 +59,38 @@ class ProxyConfig:
     shutdown_grace: float = 2.0
     metrics: tuple[str, int] | None = None
     connect_timeout: float = 5.0
+
+    def listener_configs(self) -> tuple:
+        if self.listeners:
+            return self.listeners
+        from .config import ListenerConfig
+
+        return tuple(ListenerConfig(path, mode=self.socket_mode) for path in self.listen)
+
+    def listen_paths(self) -> tuple[str, ...]:
+        return tuple(listener.path for listener in self.listener_configs())
+
+    @classmethod
+    def from_agent(cls, agent, **extra) -> "ProxyConfig":
+        """From a config.AgentConfig."""
+        s = agent.settings
+        return cls(
+            upstream=agent.upstream,
+            name=agent.name,
+            listeners=agent.listeners,
+            request_timeout=s.request_timeout,
+            command_timeouts=s.command_timeouts,
+            window=s.window,
+            sync_timeout=s.sync_timeout,
+            backoff_min=s.backoff_min,
+            backoff_max=s.backoff_max,
+            max_message_size=s.max_message_size,
+            client_backlog=s.client_backlog,
+            client_write_timeout=s.client_write_timeout,
+            shutdown_grace=s.shutdown_grace,
+            connect_timeout=s.connect_timeout,
+            **extra,
+        )
 
 
 class Signal:
@@ -80,28 +121,41 @@ class Session:
     readable: Signal = attrs.field(factory=Signal)
 
 
+class _AgentLog(logging.LoggerAdapter):
+    """Log lines of one agent, prefixed with its name when there are several."""
+
+    def __init__(self, logger: logging.Logger, name: str):
+        super().__init__(logger, {"agent": name})
+        self._prefix = "" if name == "default" else "[%s] " % name
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {}).update(self.extra)
+        return self._prefix + msg, kwargs
+
+
 class _Fanout(Observer):
     """Passes router events to metrics and logs."""
 
     def __init__(self, proxy: "Proxy"):
         self.proxy = proxy
+        self.log = proxy.log
 
     def request_done(self, command, outcome, duration, queued):
         if self.proxy.metrics:
             self.proxy.metrics.request_done(command, outcome, duration, queued)
 
     def stale_reply(self, why):
-        log.debug("dropped a reply that matches no request: %s", why)
+        self.log.debug("dropped a reply that matches no request: %s", why)
         if self.proxy.metrics:
             self.proxy.metrics.stale_reply(why)
 
     def garbage(self, nbytes):
-        log.info("dropped %d bytes from the agent that were not a reply", nbytes)
+        self.log.info("dropped %d bytes from the agent that were not a reply", nbytes)
         if self.proxy.metrics:
             self.proxy.metrics.garbage(nbytes)
 
     def resync(self, reason):
-        log.info("resyncing the agent channel (%s)", reason)
+        self.log.info("resyncing the agent channel (%s)", reason)
         if self.proxy.metrics:
             self.proxy.metrics.resync(reason)
 
@@ -115,30 +169,36 @@ class _Fanout(Observer):
                 len(info.commands),
                 "echoes ids" if info.echoes_id else "does not echo ids: one request at a time",
             )
-        log.info("agent %s -> %s%s%s", old.value, new.value, " after " + reason if reason and new is not State.READY else "", extra)
+        self.log.info("agent %s -> %s%s%s", old.value, new.value, " after " + reason if reason and new is not State.READY else "", extra)
         if self.proxy.metrics:
             self.proxy.metrics.state_changed(old, new, reason)
         self.proxy._state_changed.set()
 
     def timeout(self, command, after, client):
-        log.warning("command %s from client %d timed out after %gs", command, client.number, after)
+        self.log.warning("command %s from client %d timed out after %gs", command, client.number, after)
         if self.proxy.metrics:
             self.proxy.metrics.timeout(command, after, client)
 
     def client_disconnect_requested(self, client, why):
-        log.warning("closing client %d: %s", client.number, why)
+        self.log.warning("closing client %d: %s", client.number, why)
 
 
 class Proxy:
-    def __init__(self, config: ProxyConfig, *, sim_agent=None):
+    def __init__(self, config: ProxyConfig, *, sim_agent=None, metrics_registry: MetricsRegistry | None = None):
         self.config = config
-        self.upstream = Upstream(Timings(sync_timeout=config.sync_timeout, backoff_max=config.backoff_max))
-        self.metrics = Metrics(self.upstream)
+        self.log = _AgentLog(log, config.name)
+        self.upstream = Upstream(
+            Timings(sync_timeout=config.sync_timeout, backoff_min=config.backoff_min, backoff_max=config.backoff_max)
+        )
+        self.metrics_registry = metrics_registry or MetricsRegistry()
+        self.metrics = self.metrics_registry.for_agent(config.name, self.upstream)
         self.router = Router(
             self.upstream,
             window=config.window,
             request_timeout=config.request_timeout,
+            command_timeouts=dict(config.command_timeouts),
             client_backlog=config.client_backlog,
+            max_message_size=config.max_message_size,
             observer=_Fanout(self),
         )
         self._sim_agent = sim_agent
@@ -181,7 +241,7 @@ class Proxy:
                     await self.start_serving(nursery)
                     task_status.started(self)
                     async for signum in signals:
-                        log.info("%s: stopping", signal.Signals(signum).name)
+                        self.log.info("%s: stopping", signal.Signals(signum).name)
                         break
                     await self.shutdown()
                     nursery.cancel_scope.cancel()
@@ -193,18 +253,26 @@ class Proxy:
         config = self.config
         if config.metrics is not None:
             self.metrics_listeners = await nursery.start(
-                _serve_metrics, self.metrics, config.metrics[0], config.metrics[1]
+                _serve_metrics, self.metrics_registry, config.metrics[0], config.metrics[1]
             )
+        try:
+            for listener_config in config.listener_configs():
+                listener = await transport.open_unix_listener(
+                    listener_config.path, listener_config.mode, listener_config.owner, listener_config.group
+                )
+                self._listeners.append(listener)
+                self._bound_paths.append(listener_config.path)
+                nursery.start_soon(self._accept_loop, listener, listener_config.label)
+        except BaseException:
+            for listener in self._listeners:
+                listener.socket.close()
+            self._remove_socket_files()
+            raise
         nursery.start_soon(self._upstream_loop)
         nursery.start_soon(self._timer_loop)
-        for path in config.listen:
-            listener = await transport.open_unix_listener(path, config.socket_mode)
-            self._listeners.append(listener)
-            self._bound_paths.append(path)
-            nursery.start_soon(self._accept_loop, listener, path)
-        log.info(
+        self.log.info(
             "qgaproxy ready: listening on %s, upstream %s",
-            ", ".join(config.listen),
+            ", ".join(config.listen_paths()),
             config.upstream,
         )
         self.ready.set()
@@ -280,12 +348,12 @@ class Proxy:
             except (OSError, trio.TooSlowError) as exc:
                 failures += 1
                 if failures == 1 or failures % 60 == 0:
-                    log.warning("cannot open the agent channel %s: %s", self.config.upstream, exc)
+                    self.log.warning("cannot open the agent channel %s: %s", self.config.upstream, exc)
                 router.upstream_lost(trio.current_time())
                 self._after()
                 continue
             failures = 0
-            log.info("connected to the agent channel %s", self.config.upstream)
+            self.log.info("connected to the agent channel %s", self.config.upstream)
             self.metrics.connected()
             router.upstream_connected(trio.current_time())
             self._after()
@@ -295,7 +363,7 @@ class Proxy:
                     nursery.start_soon(self._upstream_writer, stream, nursery.cancel_scope)
                     why = await self._upstream_reader(stream)
                     nursery.cancel_scope.cancel()
-                log.warning("the agent channel %s", why)
+                self.log.warning("the agent channel %s", why)
             finally:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
@@ -325,7 +393,7 @@ class Proxy:
                 try:
                     await stream.send_all(data)
                 except _CONNECTION_ERRORS as exc:
-                    log.warning("writing to the agent channel failed: %s", exc.__cause__ or exc)
+                    self.log.warning("writing to the agent channel failed: %s", exc.__cause__ or exc)
                     cancel_scope.cancel()
                     return
                 router.upstream_write_done(trio.current_time())
@@ -341,7 +409,7 @@ class Proxy:
                     return
                 except OSError as exc:
                     # EMFILE and friends: back off instead of spinning.
-                    log.warning("accept on %s failed: %s", name, exc)
+                    self.log.warning("accept on %s failed: %s", name, exc)
                     await trio.sleep(0.1)
                     continue
                 self._nursery.start_soon(self._serve_client, stream, name)
@@ -356,7 +424,7 @@ class Proxy:
         self._sessions[client] = session
         self.metrics.client_opened(listener)
         pid, uid = (peer[0], peer[1]) if peer else ("?", "?")
-        log.info("client %d connected on %s (pid %s, uid %s)", client.number, listener, pid, uid)
+        self.log.info("client %d connected on %s (pid %s, uid %s)", client.number, listener, pid, uid)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._client_reader, session, nursery.cancel_scope)
@@ -366,7 +434,7 @@ class Proxy:
             self.router.remove_client(client)
             self._sessions.pop(client, None)
             self.metrics.client_closed(listener)
-            log.info("client %d disconnected (%d requests)", client.number, client.requests)
+            self.log.info("client %d disconnected (%d requests)", client.number, client.requests)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             self._after()
@@ -393,7 +461,7 @@ class Proxy:
                 except Exception:
                     # A bug must cost this client its connection, not every
                     # client the proxy: log it loudly and hang up.
-                    log.exception("internal error on client %d's input; closing it", client.number)
+                    self.log.exception("internal error on client %d's input; closing it", client.number)
                     cancel_scope.cancel()
                     return
                 self._after()
@@ -416,7 +484,7 @@ class Proxy:
                 except _CONNECTION_ERRORS:
                     return  # it left; what it was owed goes nowhere
             if scope.cancelled_caught:
-                log.warning(
+                self.log.warning(
                     "closing client %d: it left replies unread for %gs",
                     client.number,
                     self.config.client_write_timeout,

@@ -89,7 +89,9 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "%s: another process is listening there" % path)
 
 
-async def open_unix_listener(path: str, mode: int = 0o660, backlog: int = 128) -> trio.SocketListener:
+async def open_unix_listener(
+    path: str, mode: int = 0o660, owner: int | None = None, group: int | None = None, backlog: int = 128
+) -> trio.SocketListener:
     """A listening unix socket whose file never exists with a looser mode
     than ``mode`` (the umask covers the window between bind and chmod)."""
     _remove_stale_socket(path)
@@ -102,8 +104,15 @@ async def open_unix_listener(path: str, mode: int = 0o660, backlog: int = 128) -
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
-    sock.listen(backlog)
+    try:
+        if owner is not None or group is not None:
+            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        os.unlink(path)
+        raise
     return trio.SocketListener(sock)
 
 

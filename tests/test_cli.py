@@ -250,13 +250,17 @@ def test_metrics(processes, upstream, tmp_path):
         assert b"has not been found" in request(s, b'{"execute": "guest-nope"}')
         assert b"must be a JSON object" in request(s, b"[]")
         text = _scrape(url)
-        assert _sample(text, "qgaproxy_agent_up") == 1
-        assert _sample(text, "qgaproxy_requests_total", {"command": "guest-ping", "outcome": "ok"}) == pings
-        assert _sample(text, "qgaproxy_requests_total", {"command": "invalid", "outcome": "invalid"}) == 1
-        assert _sample(text, "qgaproxy_request_duration_seconds_count", {"command": "guest-ping"}) == pings
-        assert _sample(text, "qgaproxy_clients_connected", {"listener": path}) == 1
+        agent = {"agent": "default"}
+        assert _sample(text, "qgaproxy_agent_up", agent) == 1
+        assert _sample(text, "qgaproxy_requests_total", {**agent, "command": "guest-ping", "outcome": "ok"}) == pings
+        assert _sample(text, "qgaproxy_requests_total", {**agent, "command": "invalid", "outcome": "invalid"}) == 1
+        assert _sample(text, "qgaproxy_request_duration_seconds_count", {**agent, "command": "guest-ping"}) == pings
+        listener = os.path.basename(path).removesuffix(".sock")
+        assert _sample(text, "qgaproxy_clients_connected", {**agent, "listener": listener}) == 1
         assert "# TYPE qgaproxy_resyncs_total counter" in text
-        assert _sample(text, "qgaproxy_resyncs_total", {"reason": "timeout"}) == 0
+        assert _sample(text, "qgaproxy_resyncs_total", {**agent, "reason": "timeout"}) == 0
+        # never a path as a label value
+        assert path not in text
         # Label values come from small fixed sets: no client-chosen name.
         assert "guest-nope" not in text
     # Unknown paths are not served.
