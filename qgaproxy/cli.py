@@ -24,21 +24,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", metavar="FILE", help="a TOML configuration file (see config/reference.toml)")
     serve.add_argument(
         "--upstream",
-        required=True,
         metavar="ADDR",
-        help="the agent channel: unix:PATH (QEMU's chardev socket), serial:PATH (a tty), or sim",
+        help="the agent channel: unix:PATH (QEMU's chardev socket), unix-listen:PATH (QEMU connects to us), "
+        "serial:PATH, tcp:HOST:PORT, vsock:CID:PORT, or sim",
     )
-    serve.add_argument(
-        "--listen", action="append", required=True, metavar="PATH", help="a unix socket for clients (repeatable)"
-    )
-    serve.add_argument("--request-timeout", type=float, default=5.0, metavar="SECONDS", help="per-request deadline (default 5)")
-    serve.add_argument("--window", type=int, default=None, metavar="N", help="requests in flight to an agent that echoes ids (default 32)")
-    serve.add_argument("--sync-timeout", type=float, default=1.0, metavar="SECONDS", help="unanswered sync before requests fail fast (default 1)")
+    serve.add_argument("--listen", action="append", metavar="PATH", help="a unix socket for clients (repeatable)")
+    serve.add_argument("--request-timeout", type=float, metavar="SECONDS", help="per-request deadline (default 5)")
+    serve.add_argument("--window", type=int, metavar="N", help="requests in flight to an agent that echoes ids (default 32)")
+    serve.add_argument("--sync-timeout", type=float, metavar="SECONDS", help="unanswered sync before requests fail fast (default 1)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    serve.add_argument("--socket-mode", default="0660", metavar="MODE", help="mode of the listening sockets (default 0660)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--socket-mode", metavar="MODE", help="mode of the listening sockets (default 0660)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["plain", "json"])
+
+    check = sub.add_parser("check-config", help="validate a configuration file and report every problem")
+    check.add_argument("file")
 
     demo = sub.add_parser("demo", help="run the proxy on the simulated agent and show clients talking to it")
     demo.add_argument("--listen", default=None, metavar="PATH", help="socket path (default: qgaproxy-demo.sock in the temp dir)")
@@ -47,40 +50,116 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        try:
+            return _serve(args)
+        except _UsageError as exc:
+            parser.error(str(exc))
     if args.command == "demo":
         return _demo(args)
+    if args.command == "check-config":
+        return _check_config(args)
     return 2
 
 
-def _serve(args) -> int:
-    from .proxy import Proxy, ProxyConfig
-    from .router import DEFAULT_WINDOW
+def _check_config(args) -> int:
+    from . import config as configmod
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format=LOG_FORMAT, stream=sys.stderr)
     try:
-        upstream = UpstreamAddress.parse(args.upstream)
-        metrics = parse_host_port(args.metrics) if args.metrics else None
+        cfg = configmod.load(args.file)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print("%s: %s" % (args.file, problem), file=sys.stderr)
+        print("%s: %d problem(s)" % (args.file, len(exc.problems)), file=sys.stderr)
+        return 1
+    print("%s: OK: %d agent(s)%s" % (args.file, len(cfg.agents), ", directory watch" if cfg.directory else ""))
+    for agent in cfg.agents:
+        print("  %s: %s -> %s" % (agent.name, agent.upstream, ", ".join(l.path for l in agent.listeners)))
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_config(args):
+    """The configuration from --config and the flags (flags win)."""
+    import attrs
+
+    from . import config as configmod
+
+    if args.config:
+        cfg = configmod.load(args.config)
+    else:
+        if not args.upstream or not args.listen:
+            raise _UsageError("serve needs --config FILE, or --upstream and --listen")
+        cfg = configmod.Config(agents=(configmod.from_arguments(args.upstream, args.listen),))
+    agents = list(cfg.agents)
+    if args.config and (args.upstream or args.listen):
+        if len(agents) != 1:
+            raise _UsageError("--upstream/--listen override the agent of a file that has exactly one")
+        agent = agents[0]
+        if args.upstream:
+            agent = attrs.evolve(agent, upstream=UpstreamAddress.parse(args.upstream))
+        if args.listen:
+            agent = attrs.evolve(agent, listeners=tuple(configmod.ListenerConfig(p) for p in args.listen))
+        agents[0] = agent
+    overrides = {}
+    if args.request_timeout is not None:
+        if args.request_timeout <= 0:
+            raise _UsageError("--request-timeout must be positive")
+        overrides["request_timeout"] = args.request_timeout
+    if args.window is not None:
+        if args.window < 1:
+            raise _UsageError("--window must be at least 1")
+        overrides["window"] = args.window
+    if args.sync_timeout is not None:
+        if args.sync_timeout <= 0:
+            raise _UsageError("--sync-timeout must be positive")
+        overrides["sync_timeout"] = args.sync_timeout
+    if overrides:
+        agents = [attrs.evolve(a, settings=attrs.evolve(a.settings, **overrides)) for a in agents]
+    if args.socket_mode is not None:
         mode = int(args.socket_mode, 8)
+        agents = [
+            attrs.evolve(a, listeners=tuple(attrs.evolve(l, mode=mode) for l in a.listeners)) for a in agents
+        ]
+    changes = {"agents": tuple(agents)}
+    if args.metrics:
+        changes["metrics"] = parse_host_port(args.metrics)
+    if args.log_level:
+        changes["log_level"] = args.log_level
+    if args.log_format:
+        changes["log_format"] = args.log_format
+    return attrs.evolve(cfg, **changes)
+
+
+def _serve(args) -> int:
+    from . import config as configmod
+    from .server import Server
+
+    try:
+        cfg = build_config(args)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print("qgaproxy: %s: %s" % (args.config, problem), file=sys.stderr)
+        return 2
+    except _UsageError:
+        raise
     except (AddressError, ValueError) as exc:
         print("qgaproxy: %s" % exc, file=sys.stderr)
         return 2
-    if args.request_timeout <= 0 or args.sync_timeout <= 0:
-        print("qgaproxy: timeouts must be positive", file=sys.stderr)
-        return 2
-    config = ProxyConfig(
-        upstream=upstream,
-        listen=tuple(args.listen),
-        request_timeout=args.request_timeout,
-        window=args.window or DEFAULT_WINDOW,
-        sync_timeout=args.sync_timeout,
-        metrics=metrics,
-        socket_mode=mode,
-    )
+    _setup_logging(cfg.log_level, cfg.log_format)
+
+    def reload():
+        # Flags given at start keep overriding the file on every reload.
+        return build_config(args)
+
+    server = Server(cfg, load=reload if args.config else None)
     try:
-        trio.run(Proxy(config).run)
+        trio.run(server.run)
     except (OSError, BaseExceptionGroup) as error:
         leaves = list(_leaves(error))
         if not all(isinstance(exc, OSError) for exc in leaves):
@@ -89,6 +168,32 @@ def _serve(args) -> int:
             print("qgaproxy: %s" % exc, file=sys.stderr)
         return 1
     return 0
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        agent = getattr(record, "agent", None)
+        if agent is not None:
+            entry["agent"] = agent
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def _leaves(error: BaseException):

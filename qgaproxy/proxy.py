@@ -208,6 +208,7 @@ class Proxy:
         self._timer_at: float | None = None
         self._listeners: list[trio.SocketListener] = []
         self._bound_paths: list[str] = []  # only these socket files are ours to remove
+        self._upstream_listener: trio.SocketListener | None = None
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
         self.metrics_listeners = []
@@ -321,6 +322,17 @@ class Proxy:
         address = self.config.upstream
         if address.kind == "unix":
             return await transport.open_unix(address.path)
+        if address.kind == "unix-listen":
+            # QEMU connects to us (-chardev socket,server=off,reconnect=N):
+            # nothing else can take its one connection before we do.
+            if self._upstream_listener is None:
+                self._upstream_listener = await transport.open_unix_listener(address.path, 0o660, backlog=1)
+                self._bound_paths.append(address.path)
+            return await self._upstream_listener.accept()
+        if address.kind == "tcp":
+            return await transport.open_tcp(address.host, address.port)
+        if address.kind == "vsock":
+            return await transport.open_vsock(address.cid, address.port)
         if address.kind == "serial":
             return await transport.open_serial(address.path)
         if address.kind == "sim":
@@ -342,8 +354,11 @@ class Proxy:
             if upstream.reconnect_at > now:
                 await trio.sleep_until(upstream.reconnect_at)
             stream = None
+            # Waiting for QEMU to connect to us has no deadline: that is
+            # the connecting state (requests fail fast meanwhile).
+            timeout = math.inf if self.config.upstream.kind == "unix-listen" else self.config.connect_timeout
             try:
-                with trio.fail_after(self.config.connect_timeout):
+                with trio.fail_after(timeout):
                     stream = await self._open_upstream()
             except (OSError, trio.TooSlowError) as exc:
                 failures += 1

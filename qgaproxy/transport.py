@@ -29,28 +29,72 @@ class AddressError(ValueError):
     pass
 
 
+_KINDS = "unix:PATH, unix-listen:PATH, serial:PATH, tcp:HOST:PORT, vsock:CID:PORT or sim"
+
+
 @attrs.frozen
 class UpstreamAddress:
-    kind: str  # "unix", "serial" or "sim"
-    path: str = ""
+    kind: str  # "unix", "unix-listen", "serial", "tcp", "vsock" or "sim"
+    path: str = ""  # unix, unix-listen, serial
+    host: str = ""  # tcp
+    port: int = 0  # tcp, vsock
+    cid: int = 0  # vsock
 
     @classmethod
     def parse(cls, text: str) -> "UpstreamAddress":
         if text == "sim":
             return cls("sim")
-        kind, sep, path = text.partition(":")
-        if not sep or kind not in ("unix", "serial") or not path:
-            raise AddressError(
-                "upstream %r: expected unix:PATH, serial:PATH or sim" % text
-            )
-        return cls(kind, path)
+        kind, sep, rest = text.partition(":")
+        bad = AddressError("upstream %r: expected %s" % (text, _KINDS))
+        if not sep or not rest:
+            raise bad
+        if kind in ("unix", "unix-listen", "serial"):
+            return cls(kind, path=rest)
+        if kind == "tcp":
+            host, sep, port = rest.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise bad
+            return cls(kind, host=host.strip("[]"), port=int(port))
+        if kind == "vsock":
+            cid, sep, port = rest.partition(":")
+            if not sep or not cid.isdigit() or not port.isdigit():
+                raise bad
+            return cls(kind, cid=int(cid), port=int(port))
+        raise bad
 
     def __str__(self) -> str:
-        return self.kind if self.kind == "sim" else "%s:%s" % (self.kind, self.path)
+        if self.kind == "sim":
+            return "sim"
+        if self.kind == "tcp":
+            host = "[%s]" % self.host if ":" in self.host else self.host
+            return "tcp:%s:%d" % (host, self.port)
+        if self.kind == "vsock":
+            return "vsock:%d:%d" % (self.cid, self.port)
+        return "%s:%s" % (self.kind, self.path)
 
 
 async def open_unix(path: str) -> trio.SocketStream:
     return await trio.open_unix_socket(path)
+
+
+async def open_tcp(host: str, port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream(host, port)
+    # Notice a peer that vanished without a FIN (host crash, cable).
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return stream
+
+
+async def open_vsock(cid: int, port: int) -> trio.SocketStream:
+    """An agent listening on vsock in the guest (qemu-ga -m vsock-listen)."""
+    if not hasattr(socket, "AF_VSOCK"):
+        raise OSError(errno.EAFNOSUPPORT, "vsock is not supported on this system")
+    sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        await sock.connect((cid, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def open_serial(path: str) -> trio.lowlevel.FdStream:

@@ -276,11 +276,12 @@ def test_metrics(processes, upstream, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--upstream", "bogus"], "upstream 'bogus': expected unix:PATH, serial:PATH or sim"),
+        (["--upstream", "bogus"], "upstream 'bogus': expected unix:PATH, unix-listen:PATH, serial:PATH, tcp:HOST:PORT"),
         (["--upstream", "unix:"], "upstream 'unix:'"),
-        (["--upstream", "tcp:1.2.3.4:5"], "upstream 'tcp:1.2.3.4:5'"),
+        (["--upstream", "tcp:1.2.3.4"], "upstream 'tcp:1.2.3.4'"),
+        (["--upstream", "vsock:x:1"], "upstream 'vsock:x:1'"),
         (["--upstream", "sim", "--metrics", "nonsense"], "HOST:PORT"),
-        (["--upstream", "sim", "--request-timeout", "0"], "timeouts must be positive"),
+        (["--upstream", "sim", "--request-timeout", "0"], "--request-timeout must be positive"),
         (["--upstream", "sim", "--socket-mode", "rw"], "qgaproxy:"),
     ],
 )
