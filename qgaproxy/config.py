@@ -252,7 +252,7 @@ def _settings(checker: _Checker, table: dict, path: str, base: AgentSettings) ->
                     timeouts[command] = float(seconds)
     values["command_timeouts"] = tuple(sorted(timeouts.items()))
     settings = attrs.evolve(base, **values)
-    if settings.backoff_min > settings.backoff_max:
+    if ("backoff_min" in table or "backoff_max" in table) and settings.backoff_min > settings.backoff_max:
         checker.problem(_join(path, "backoff_min"), "must not exceed backoff_max (%g)" % settings.backoff_max)
     return settings
 
@@ -425,9 +425,9 @@ def _check_unique(checker: _Checker, agents: list[AgentConfig]) -> None:
                     "agent[%d]" % i, "listener path %s is already used by agent %s" % (listener.path, paths[listener.path])
                 )
             paths.setdefault(listener.path, agent.name)
-        upstream = str(agent.upstream)
-        if agent.upstream.kind != "sim" and upstream in paths:
-            checker.problem("agent[%d].upstream" % i, "%s is also a listener" % upstream)
+    for i, agent in enumerate(agents):
+        if agent.upstream.path and agent.upstream.path in paths:
+            checker.problem("agent[%d].upstream" % i, "%s is also a listener" % agent.upstream)
 
 
 def load(path: str) -> Config:
