@@ -247,7 +247,7 @@ class Proxy:
                     await self.shutdown()
                     nursery.cancel_scope.cancel()
         finally:
-            self._remove_socket_files()
+            self.remove_socket_files()
 
     async def start_serving(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -267,7 +267,7 @@ class Proxy:
         except BaseException:
             for listener in self._listeners:
                 listener.socket.close()
-            self._remove_socket_files()
+            self.remove_socket_files()
             raise
         nursery.start_soon(self._upstream_loop)
         nursery.start_soon(self._timer_loop)
@@ -289,13 +289,17 @@ class Proxy:
         for listener in self._listeners:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-        self._remove_socket_files()
+        self.remove_socket_files()
         self._draining = True
         with trio.move_on_after(self.config.shutdown_grace):
             while any(c.slots for c in self.router.clients):
                 await self._drained.wait()
 
-    def _remove_socket_files(self) -> None:
+    def remove_socket_files(self) -> None:
+        """Remove the socket files this proxy created (and only those)."""
+        if self._upstream_listener is not None:
+            self._upstream_listener.socket.close()
+            self._upstream_listener = None
         paths, self._bound_paths = self._bound_paths, []
         for path in paths:
             try:

@@ -130,7 +130,7 @@ class Server:
                         await proxy.start_serving(nursery)
                         task_status.started()
             finally:
-                proxy._remove_socket_files()
+                proxy.remove_socket_files()
                 done.set()
 
         await self._nursery.start(run_agent)

@@ -31,6 +31,7 @@ async def run_proxy(upstream: str, listen: list[str] | None = None, *, sim_agent
             yield proxy
         finally:
             nursery.cancel_scope.cancel()
+    proxy.remove_socket_files()
     for path in listen:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -134,3 +135,284 @@ class Progress:
             extra = describe() if describe else ""
             raise AssertionError(f"{what}: not reached within {timeout}s {extra}") from None
 
+
+
+class _Pulse:
+    """A reusable wake-up between two tasks of one busy client."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Record(collections.namedtuple("Record", "k command sent got kind detail")):
+    """One request and its reply. kind: "ok" (the agent answered, including
+    the CommandNotFound it gives the made-up commands), "timeout" or
+    "unavailable" (detail: the reason after "Guest agent is not available: ").
+    sent/got: time.monotonic()."""
+
+
+# The commands a busy client cycles through; "nope" is a made-up command
+# named after the client and the request, so that its error text (the
+# agent's own "The command X has not been found") is unique to the sender.
+MIX = ("guest-ping", "guest-get-host-name", "guest-ping", "guest-sync", "guest-get-time",
+       "guest-ping", "nope", "guest-info", "guest-ping", "guest-get-timezone")
+
+_COLLIDING_IDS = (lambda k: k, lambda k: "r%d" % k, lambda k: {"n": k}, lambda k: [k, "x"], None)
+
+
+def _same_json(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) and type(a) is type(b)
+
+
+class BusyClient:
+    """One connection to the proxy keeping up to `depth` requests in flight
+    until stop is set (or `total` requests were sent), checking each reply
+    the moment it arrives; any reply that is not exactly the next one it
+    expects (id, order, body) raises AssertionError. After stop: drains,
+    then sends a final marker whose reply must be the very next line.
+
+    Ids: unique (default): mostly "<name>-<k>", some integers unique to the
+    client, some requests without an id. colliding=True: every client uses
+    the same id sequence (ints, strings, objects, arrays, none); then only
+    the body tells replies apart: each client rotates the command mix
+    differently and its guest-sync values and made-up commands are its own.
+
+    pace(): awaited before sending after a fast "not available" reply, so
+    that a down agent does not turn the clients into a busy loop.
+    call_bound: the longest wait for the next reply (a hang guard)."""
+
+    def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int = 8,
+                 total: int | None = None, colliding: bool = False, call_bound: float = 10.0,
+                 pace=None, mix=MIX, forbidden: re.Pattern | None = None):
+        self.path = path
+        self.name = name
+        self.index = index
+        self.progress = progress
+        self.depth = depth
+        self.total = total
+        self.colliding = colliding
+        self.call_bound = call_bound
+        self.pace = pace or (lambda: trio.sleep(0.02))
+        self.mix = mix[index % len(mix):] + mix[: index % len(mix)] if colliding else mix
+        self.forbidden = forbidden
+        self.stop = trio.Event()
+        self.done = trio.Event()
+        self.records: list[Record] = []
+        self.sent = 0
+        self._outstanding: collections.deque = collections.deque()
+        self._wake = _Pulse()
+        self._sender_done = False
+        self._pace_needed = False
+
+    # -- requests ----------------------------------------------------------
+    def _request(self, k: int):
+        command = self.mix[k % len(self.mix)]
+        message: dict = {}
+        expect = {"k": k, "sync": None}
+        if command == "nope":
+            command = "guest-nope-%s-%d" % (self.name, k)
+        message["execute"] = command
+        if command == "guest-sync":
+            expect["sync"] = 500_000_000 + self.index * 1_000_000 + k
+            message["arguments"] = {"id": expect["sync"]}
+        if self.colliding:
+            make = _COLLIDING_IDS[k % len(_COLLIDING_IDS)]
+            ident = make(k) if make else None
+            has_id = make is not None
+        elif k % 11 == 10:
+            ident, has_id = None, False
+        elif k % 5 == 4:
+            ident, has_id = 900_000_000 + self.index * 1_000_000 + k, True
+        else:
+            ident, has_id = "%s-%d" % (self.name, k), True
+        if has_id:
+            message["id"] = ident
+        expect.update(command=command, ident=ident, has_id=has_id)
+        return (json.dumps(message) + "\n").encode(), expect
+
+    def _check(self, raw: bytes, expect: dict) -> tuple[str, str]:
+        where = "client %s request %d (%s, id %r)" % (self.name, expect["k"], expect["command"],
+                                                       expect["ident"])
+        if self.forbidden is not None and self.forbidden.search(raw):
+            raise AssertionError("%s: a stale marker reached a proxy client: %r" % (where, raw[:300]))
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise AssertionError("%s: not a JSON reply: %r" % (where, raw[:300])) from None
+        if not isinstance(value, dict) or len({"return", "error"} & set(value)) != 1 \
+                or set(value) - {"return", "error", "id"}:
+            raise AssertionError("%s: not a reply: %r" % (where, raw[:300]))
+        if expect["has_id"]:
+            if "id" not in value or not _same_json(value["id"], expect["ident"]):
+                raise AssertionError("%s: reply with the wrong id (misrouted, out of order or "
+                                     "extra): %r" % (where, raw[:300]))
+        elif "id" in value:
+            raise AssertionError("%s: reply with an id to a request without: %r" % (where, raw[:300]))
+        command = expect["command"]
+        if "error" in value:
+            error = value["error"]
+            cls, desc = error.get("class"), error.get("desc", "")
+            if command.startswith("guest-nope-") and cls == "CommandNotFound" \
+                    and desc == "The command %s has not been found" % command:
+                return "ok", ""
+            if cls == "GenericError" and desc.startswith(NOT_AVAILABLE):
+                return "unavailable", desc[len(NOT_AVAILABLE):]
+            m = _TIMED_OUT.match(desc) if cls == "GenericError" else None
+            if m and m.group(1) == command:
+                return "timeout", ""
+            raise AssertionError("%s: unexpected error: %r" % (where, raw[:300]))
+        ret = value["return"]
+        good = {
+            "guest-ping": lambda r: r == {},
+            "guest-get-host-name": lambda r: isinstance(r, dict) and isinstance(r.get("host-name"), str),
+            "guest-sync": lambda r: r == expect["sync"] and type(r) is int,
+            "guest-get-time": lambda r: type(r) is int and r > 0,
+            "guest-info": lambda r: isinstance(r, dict) and "version" in r and "supported_commands" in r,
+            "guest-get-timezone": lambda r: isinstance(r, dict) and "offset" in r,
+        }.get(command)
+        if good is None or not good(ret):
+            raise AssertionError("%s: a reply that does not fit the command: %r" % (where, raw[:300]))
+        return "ok", ""
+
+    # -- running -------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            client = await Client.connect(str(self.path))
+            async with client:
+                slots = trio.Semaphore(self.depth)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sender, client, slots)
+                    await self._reader(client, slots)
+                # The final marker: its reply must be the very next line, so
+                # nothing extra is waiting in front of it.
+                ident = "%s-final" % self.name
+                await client.send(b'{"execute": "guest-ping", "id": "%s"}\n' % ident.encode())
+                with trio.fail_after(self.call_bound):
+                    raw = await client.read_line()
+                value = json.loads(raw)
+                assert value.get("id") == ident, (self.name, "extra or misrouted line before the final marker", raw[:300])
+        finally:
+            self.done.set()
+            self.progress.notify()
+
+    async def _sender(self, client: Client, slots: trio.Semaphore) -> None:
+        try:
+            k = 0
+            while not self.stop.is_set() and (self.total is None or k < self.total):
+                await slots.acquire()
+                if self.stop.is_set():
+                    break
+                if self._pace_needed:
+                    self._pace_needed = False
+                    await self.pace()
+                data, expect = self._request(k)
+                expect["sent"] = time.monotonic()
+                self._outstanding.append(expect)
+                self._wake.set()
+                await client.send(data)
+                self.sent = k = k + 1
+        finally:
+            self._sender_done = True
+            self._wake.set()
+
+    async def _reader(self, client: Client, slots: trio.Semaphore) -> None:
+        while True:
+            if not self._outstanding:
+                if self._sender_done:
+                    return
+                await self._wake.wait()
+                continue
+            with trio.fail_after(self.call_bound):
+                try:
+                    raw = await client.read_line()
+                except EOFError as exc:
+                    raise AssertionError("client %s: the proxy closed the connection (%s)"
+                                         % (self.name, exc)) from None
+            got = time.monotonic()
+            expect = self._outstanding.popleft()
+            kind, detail = self._check(raw, expect)
+            self.records.append(Record(expect["k"], expect["command"], expect["sent"], got, kind, detail))
+            if kind == "unavailable":
+                self._pace_needed = True
+            slots.release()
+            self.progress.notify()
+
+    # -- queries ---------------------------------------------------------------
+    def count(self, kind: str | None = None, *, sent_after: float | None = None,
+              detail: str | None = None) -> int:
+        return sum(
+            1
+            for r in self.records
+            if (kind is None or r.kind == kind)
+            and (sent_after is None or r.sent >= sent_after)
+            and (detail is None or r.detail.startswith(detail))
+        )
+
+
+class Crowd:
+    """n BusyClients started in `nursery`, sharing one Progress."""
+
+    def __init__(self, nursery: trio.Nursery, path, n: int, *, prefix: str = "c", **options):
+        self.progress = Progress()
+        self.clients = [BusyClient(path, "%s%d" % (prefix, i), i, self.progress, **options) for i in range(n)]
+        for client in self.clients:
+            nursery.start_soon(client.run)
+
+    def tally(self) -> collections.Counter:
+        """Replies by kind ("unavailable: <why>" spelled out) over all clients."""
+        out: collections.Counter = collections.Counter()
+        for client in self.clients:
+            for r in client.records:
+                out[r.kind + (": " + r.detail if r.detail else "")] += 1
+        return out
+
+    def count(self, kind: str | None = None, **kw) -> int:
+        return sum(c.count(kind, **kw) for c in self.clients)
+
+    def describe(self) -> str:
+        return "; per client (ok/timeout/unavailable): " + ", ".join(
+            "%s %d/%d/%d" % (c.name, c.count("ok"), c.count("timeout"), c.count("unavailable"))
+            for c in self.clients
+        ) + "; totals %s" % dict(self.tally())
+
+    async def until(self, predicate, timeout: float, what: str) -> None:
+        await self.progress.until(predicate, timeout, what, self.describe)
+
+    async def until_each(self, predicate, timeout: float, what: str) -> None:
+        """Wait until predicate(client) holds for every client."""
+        await self.until(lambda: all(predicate(c) for c in self.clients), timeout, what)
+
+    async def stop(self, timeout: float = 30.0) -> collections.Counter:
+        for client in self.clients:
+            client.stop.set()
+        await self.until(lambda: all(c.done.is_set() for c in self.clients), timeout, "clients drained")
+        return self.tally()
+
+
+async def proxy_pace(proxy, interval: float = 0.05) -> None:
+    """Pacing for busy clients of an in-process proxy: go on at once when
+    the agent is (or becomes) ready, else after `interval`."""
+    from qgaproxy.upstream import State
+
+    with trio.move_on_after(interval):
+        await proxy.wait_state(State.READY)
+
+
+async def wait_state_change(proxy, *states, timeout: float, what: str = "") -> float:
+    """Wait (bounded) until the upstream is in one of `states`; returns the
+    time.monotonic() when that was seen."""
+    try:
+        with trio.fail_after(timeout):
+            await proxy.wait_state(*states)
+    except trio.TooSlowError:
+        raise AssertionError("%s: upstream still %s after %gs, wanted %s"
+                             % (what, proxy.upstream.state.value, timeout,
+                                "/".join(s.value for s in states))) from None
+    return time.monotonic()
