@@ -264,6 +264,10 @@ class Proxy:
                 self._listeners.append(listener)
                 self._bound_paths.append(listener_config.path)
                 nursery.start_soon(self._accept_loop, listener, listener_config.label)
+            if config.upstream.kind == "unix-listen":
+                # Listen before saying ready, so QEMU can connect from then on.
+                self._upstream_listener = await transport.open_unix_listener(config.upstream.path, 0o660, backlog=1)
+                self._bound_paths.append(config.upstream.path)
         except BaseException:
             for listener in self._listeners:
                 listener.socket.close()
@@ -329,9 +333,6 @@ class Proxy:
         if address.kind == "unix-listen":
             # QEMU connects to us (-chardev socket,server=off,reconnect=N):
             # nothing else can take its one connection before we do.
-            if self._upstream_listener is None:
-                self._upstream_listener = await transport.open_unix_listener(address.path, 0o660, backlog=1)
-                self._bound_paths.append(address.path)
             return await self._upstream_listener.accept()
         if address.kind == "tcp":
             return await transport.open_tcp(address.host, address.port)
