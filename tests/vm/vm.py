@@ -183,7 +183,12 @@ class VM:
         no_reboot: bool = True,
         extra_args: tuple[str, ...] = (),
         boot_timeout: float = BOOT_TIMEOUT,
+        agent_sock: Path | str | None = None,
+        agent_client: bool = False,
     ):
+        """agent_client=True: QEMU connects to agent_sock (server=off,
+        reconnect=1) instead of listening there: a proxy in unix-listen
+        mode owns the socket."""
         self.cache = Path(cache) if cache else cache_dir()
         self.kernel = self.cache / "vmlinuz"
         self.initrd = self.cache / "initrd.img"
@@ -192,7 +197,8 @@ class VM:
         self.extra_args = tuple(extra_args)
         self.boot_timeout = boot_timeout
         self.workdir = Path(tempfile.mkdtemp(prefix="qgavm-"))
-        self.agent_sock = self.workdir / "qga.sock"
+        self.agent_sock = Path(agent_sock) if agent_sock else self.workdir / "qga.sock"
+        self.agent_client = agent_client
         self.qmp_sock = self.workdir / "qmp.sock"
         self.console_sock = self.workdir / "console.sock"
         self.console_log_path = self.workdir / "console.log"
@@ -227,7 +233,11 @@ class VM:
             "-display", "none",
             "-monitor", "none",
             "-serial", f"unix:{self.console_sock},server=on,wait=off",
-            "-chardev", f"socket,path={self.agent_sock},server=on,wait=off,id=qga0",
+            "-chardev", (
+                f"socket,path={self.agent_sock},server=off,reconnect=1,id=qga0"
+                if self.agent_client
+                else f"socket,path={self.agent_sock},server=on,wait=off,id=qga0"
+            ),
             "-device", "virtio-serial-pci",
             "-device", f"virtserialport,chardev=qga0,name={AGENT_PORT_NAME}",
             "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
