@@ -35,7 +35,10 @@ from typing import Any, Callable, Mapping
 import attrs
 
 from . import codec, messages
+from .freezeguard import DEFAULT_MAX_FROZEN, FreezeGuard
+from .isolation import Ownership
 from .messages import Request
+from .policy import OPEN, Policy
 from .upstream import State, Upstream
 
 # How many replies a client may be owed (queued, in flight, or written
@@ -75,6 +78,18 @@ class Observer:
         pass
 
     def client_disconnect_requested(self, client: "Client", why: str) -> None:
+        pass
+
+    def denied(self, client: "Client", command: str) -> None:
+        pass
+
+    def freeze_guard(self, why: str) -> None:
+        pass
+
+    def internal_result(self, command: str, ok: bool, detail: str) -> None:
+        pass
+
+    def memory_limit(self, client: "Client", total: int) -> None:
         pass
 
 
@@ -117,12 +132,44 @@ class Client:
     no_reply_generation: int = -1  # upstream generation of its last no-reply command
     peer: Any = None  # for logs: whatever the shell knows (pid, uid)
     requests: int = 0
+    policy: Policy = OPEN
+    internal: bool = False  # the proxy itself (thaws, closing left handles)
+    queued_bytes: int = 0  # size of its requests not yet sent
+    output_bytes: int = 0  # size of replies not yet written
 
     def backlog(self) -> int:
         return len(self.slots) + len(self.output)
 
+    def buffered(self) -> int:
+        """Bytes held for this client: partial input, queued requests,
+        unwritten replies."""
+        return self.decoder.buffered() + self.queued_bytes + self.output_bytes
+
     def wants_close(self) -> bool:
         return self.closing and not self.slots and not self.output
+
+
+class Budget:
+    """Bytes buffered for clients, all agents of the process together."""
+
+    def __init__(self, limit: int = 1 << 62):
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def take(self, n: int) -> None:
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+_ENABLED = type("_Enabled", (), {"enabled": True})()
 
 
 def _not_available(why: str) -> str:
@@ -141,6 +188,8 @@ class Router:
         max_message_size: int = codec.MAX_TOKEN_SIZE,
         observer: Observer | None = None,
         rng: random.Random | None = None,
+        freeze_max: float = DEFAULT_MAX_FROZEN,
+        budget: "Budget | None" = None,
     ):
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -166,6 +215,12 @@ class Router:
         self._dirty: set[Client] = set()
         self.stale_replies = 0
         self.resyncs = 0
+        self.ownership = Ownership()
+        self.freeze = FreezeGuard(freeze_max)
+        self.budget = budget or Budget()
+        self._disabled_text: dict[str, bytes] = {}  # command -> the agent's "disabled" desc, learned
+        self._internal = Client(0, "qgaproxy", codec.RequestDecoder(), internal=True)
+        self._last_now = 0.0
 
     # -- queries -------------------------------------------------------------
     def in_flight(self) -> int:
@@ -183,6 +238,9 @@ class Router:
         upstream = self.upstream.next_deadline()
         if upstream is not None:
             times.append(upstream)
+        frozen = self.freeze.deadline()
+        if frozen is not None:
+            times.append(frozen)
         return min(times) if times else None
 
     def pop_dirty(self) -> set[Client]:
@@ -205,9 +263,11 @@ class Router:
         return self.in_flight() < limit
 
     # -- clients ---------------------------------------------------------------
-    def add_client(self, listener: str = "", peer: Any = None) -> Client:
+    def add_client(self, listener: str = "", peer: Any = None, policy: Policy = OPEN) -> Client:
         self._client_numbers += 1
-        client = Client(self._client_numbers, listener, codec.RequestDecoder(self.max_message_size), peer=peer)
+        client = Client(
+            self._client_numbers, listener, codec.RequestDecoder(self.max_message_size), peer=peer, policy=policy
+        )
         self.clients.append(client)
         return client
 
@@ -222,6 +282,8 @@ class Router:
         client.queue.clear()
         client.slots.clear()
         client.output.clear()
+        self.budget.release(client.buffered())
+        client.queued_bytes = client.output_bytes = 0
         if client in self.clients:
             self.clients.remove(client)
         if client.queued_for_turn:
@@ -231,6 +293,11 @@ class Router:
                 pass
             client.queued_for_turn = False
         self._dirty.discard(client)
+        # What it left behind in the guest: close its files, and thaw a
+        # freeze it owned.
+        for handle in self.ownership.release(client):
+            self._internal_call("guest-file-close", {"handle": handle})
+        self._maybe_thaw(now=None, gone=client)
 
     def can_read(self, client: Client) -> bool:
         return not client.gone and not client.closing and client.backlog() < self.client_backlog
@@ -238,12 +305,37 @@ class Router:
     def take_output(self, client: Client) -> bytes:
         data = b"".join(client.output)
         client.output.clear()
+        self.budget.release(client.output_bytes)
+        client.output_bytes = 0
         return data
 
     def client_data(self, client: Client, data: bytes, now: float) -> None:
+        self._last_now = now
         if client.gone or client.closing:
             return
-        for event in client.decoder.feed(data):
+        if not self.budget.reserve(len(data)):
+            # Every byte buffered for every client counts against one
+            # total: past it, the client that would cross it is refused
+            # and hung up on; everyone else keeps being served.
+            self.observer.memory_limit(client, self.budget.limit)
+            slot = self._new_slot(client)
+            slot.close = True
+            client.closing = True
+            self._fill(
+                client,
+                slot,
+                messages.error_reply(
+                    messages.GENERIC_ERROR,
+                    "qgaproxy: too much data buffered for all clients (limit %d bytes); closing" % self.budget.limit,
+                ),
+            )
+            return
+        before = client.decoder.buffered()
+        events = client.decoder.feed(data)
+        # Reserved: the bytes fed. Held now: what the decoder still buffers
+        # plus what it produced (accounted below per request).
+        self.budget.release(len(data) + before - client.decoder.buffered())
+        for event in events:
             if isinstance(event, codec.Value):
                 self._on_message(client, event.value, event.size, now)
             elif isinstance(event, codec.ParseError):
@@ -266,7 +358,7 @@ class Router:
 
     def _fill(self, client: Client, slot: Slot, data: bytes) -> None:
         slot.data = data
-        if client.gone:
+        if client.gone or client.internal:
             return
         slots = client.slots
         moved = False
@@ -274,6 +366,8 @@ class Router:
             head = slots.popleft()
             if head.data:
                 client.output.append(head.data)
+                client.output_bytes += len(head.data)
+                self.budget.take(len(head.data))
             if head.close:
                 client.closing = True
                 for rest in slots:
@@ -294,9 +388,51 @@ class Router:
 
     def _dispatch(self, client: Client, request: Request, now: float) -> None:
         slot = self._new_slot(client)
+        command = request.execute
+        if not client.policy.allows(command):
+            self.observer.denied(client, command)
+            self.observer.request_done(command, "denied", 0.0, 0.0)
+            self._fill(
+                client,
+                slot,
+                messages.disabled_reply(command, request.has_id, request.id, client.policy.denial_reason()),
+            )
+            return
         if not self.upstream.accepts_requests():
             self._fail_fast(client, slot, request)
             return
+        local = self._answer_locally(client, request)
+        if local is not None:
+            self.observer.request_done(command, "error", 0.0, 0.0)
+            self._fill(client, slot, local)
+            return
+        self._enqueue(client, slot, request, now)
+
+    def _answer_locally(self, client: Client, request: Request) -> bytes | None:
+        """The agent's own error, when we know it without asking."""
+        command = request.execute
+        info = self.upstream.info
+        if info is not None and info.commands and command not in messages.SYNC_COMMANDS:
+            known = info.commands.get(command)
+            if known is None:
+                return messages.not_found_reply(command, request.has_id, request.id)
+            if not known.enabled and not self.freeze.frozen:
+                text = self._disabled_text.get(command)
+                if text is not None:
+                    return messages.error_reply(messages.COMMAND_NOT_FOUND, text, request.has_id, request.id)
+        refused = self.freeze.refuses(request)
+        if refused is not None:
+            return refused
+        return self.ownership.check(client, request)
+
+    def _internal_call(self, command: str, arguments: dict | None, now: float | None = None) -> None:
+        """A request of the proxy's own (its reply goes to no client)."""
+        if self.upstream.state is State.CONNECTING:
+            return
+        request = Request(command, arguments, False)
+        self._enqueue(self._internal, Slot(), request, self._last_now if now is None else now)
+
+    def _enqueue(self, client: Client, slot: Slot, request: Request, now: float) -> None:
         timeout = self.command_timeouts.get(request.execute, self.request_timeout)
         call = Call(client, slot, request, now, now + timeout, timeout)
         if request.execute in messages.SYNC_COMMANDS:
@@ -309,6 +445,8 @@ class Router:
                     return
                 call.local_reply = reply  # answered in its turn, once ready
         client.queue.append(call)
+        client.queued_bytes += request.size
+        self.budget.take(request.size)
         self._seq += 1
         heapq.heappush(self._deadlines, (call.deadline, self._seq, call))
         if not client.queued_for_turn:
@@ -327,6 +465,7 @@ class Router:
 
     # -- upstream I/O ------------------------------------------------------------
     def upstream_connected(self, now: float) -> None:
+        self._last_now = now
         self._replies.reset()
         self.upstream.connected(now)
 
@@ -355,6 +494,9 @@ class Router:
                 client.no_reply_generation = -1
                 self._close_after(client, self._new_slot(client))
         self._fail_queued(now)
+        # A new connection may be a new agent (QEMU restarted): its handles
+        # and pids are not the old ones.
+        self.ownership.reset()
         if old is not State.CONNECTING:
             self.observer.state_changed(old, State.CONNECTING, "connection lost")
 
@@ -385,6 +527,8 @@ class Router:
             while self._turns and self.in_flight() < limit:
                 client = self._turns.popleft()
                 call = client.queue.popleft()
+                client.queued_bytes -= call.request.size
+                self.budget.release(call.request.size)
                 if client.queue:
                     self._turns.append(client)
                 else:
@@ -412,7 +556,7 @@ class Router:
                     # Whatever arrives before that sync's reply is its error.
                     call.no_reply = True
                     client.no_reply_generation = self.upstream.generation
-                    self.upstream.resync(now, "no-reply command", sentinel=False)
+                    self._resync(now, "no-reply command", sentinel=False)
                     self.observer.resync("no-reply command")
                     parts.append(self.upstream.take_outbox())
                     break
@@ -425,6 +569,7 @@ class Router:
         self.upstream.write_done(now)
 
     def upstream_data(self, data: bytes, now: float) -> None:
+        self._last_now = now
         for event in self._replies.feed(data):
             if isinstance(event, codec.Line):
                 self._on_line(event.raw, now)
@@ -466,6 +611,13 @@ class Router:
         call.done = True
         kind = "error" if "error" in value else "return"
         request = call.request
+        self._learn(call, value, now)
+        if call.client.internal:
+            error = value.get("error")
+            self.observer.internal_result(
+                request.execute, error is None, str(error.get("desc")) if isinstance(error, dict) else "ok"
+            )
+            return
         data = messages.rewrite_id(raw, call.up_id_text, request.id_json(), kind)
         self.observer.request_done(
             request.execute,
@@ -483,10 +635,53 @@ class Router:
             call.client, call.slot, messages.error_reply(messages.GENERIC_ERROR, desc, request.has_id, request.id)
         )
 
+    def _resync(self, now: float, reason: str, sentinel: bool = True) -> None:
+        old = self.upstream.state
+        self.upstream.resync(now, reason, sentinel=sentinel)
+        if self.upstream.state is not old:
+            self._on_state_change(old, now)
+
+    def _learn(self, call: Call, value: dict, now: float) -> None:
+        """What a reply tells about the guest: who owns what, frozen or not,
+        the agent's text for a disabled command."""
+        request = call.request
+        self.ownership.on_reply(call.client, request, value)
+        was_frozen = self.freeze.frozen
+        self.freeze.on_reply(None if call.client.internal else call.client, request, value, now)
+        if self.freeze.frozen != was_frozen:
+            # The agent's texts for disabled commands change with the freeze.
+            self._disabled_text.clear()
+        error = value.get("error")
+        if isinstance(error, dict) and error.get("class") == messages.COMMAND_NOT_FOUND:
+            desc = error.get("desc")
+            if isinstance(desc, str) and desc.startswith("Command %s has been disabled" % request.execute):
+                if not self.freeze.frozen:
+                    self._disabled_text[request.execute] = desc
+        self._maybe_thaw(now)
+
+    def _maybe_thaw(self, now: float | None, gone: Client | None = None) -> None:
+        why = self.freeze.should_thaw(self._last_now if now is None else now, gone)
+        if why is None:
+            return
+        info = self.upstream.info
+        if info is not None and info.commands and not info.commands.get("guest-fsfreeze-thaw", _ENABLED).enabled:
+            return
+        self.freeze.thaw_requested = True
+        self.observer.freeze_guard(why)
+        self._internal_call("guest-fsfreeze-thaw", None, now)
+
     def _on_state_change(self, old: State, now: float) -> None:
         new = self.upstream.state
         self.observer.state_changed(old, new, self.upstream.resync_reason)
         if new is State.READY:
+            self._disabled_text.clear()
+            self.freeze.reset()
+            info = self.upstream.info
+            status = info.commands.get("guest-fsfreeze-status") if info is not None else None
+            if status is not None and status.enabled:
+                # Frozen by someone we do not know (a proxy restart)? The
+                # guard thaws it once the answer comes.
+                self._internal_call("guest-fsfreeze-status", None, now)
             # Commands that never answer were followed by a sync; its reply
             # came, so they succeeded.
             for table in (list(self._pending.values()), list(self._in_order)):
@@ -513,6 +708,8 @@ class Router:
 
     # -- time ----------------------------------------------------------------------
     def tick(self, now: float) -> None:
+        self._last_now = now
+        self._maybe_thaw(now)
         old = self.upstream.tick(now)
         if old is not None:
             self._on_state_change(old, now)
@@ -553,7 +750,7 @@ class Router:
         if resync and self.upstream.state is not State.CONNECTING:
             self.resyncs += 1
             self.observer.resync("timeout")
-            self.upstream.resync(now, "timeout")
+            self._resync(now, "timeout")
 
 
 def _local_sync_reply(request: Request) -> bytes | None:
