@@ -60,6 +60,16 @@ class ListenerConfig:
     owner: int | None = None  # uid
     group: int | None = None  # gid
     name: str | None = None  # the `listener` label in metrics
+    allow: tuple[str, ...] = ("*",)
+    deny: tuple[str, ...] = ()
+    peer_uids: tuple[int, ...] = ()
+    peer_gids: tuple[int, ...] = ()
+    max_clients: int = 1024
+
+    def policy(self):
+        from .policy import Policy
+
+        return Policy(self.allow, self.deny, self.peer_uids, self.peer_gids, self.max_clients, self.label)
 
     @property
     def label(self) -> str:
@@ -84,6 +94,7 @@ class AgentSettings:
     client_write_timeout: float = 30.0
     shutdown_grace: float = 2.0
     connect_timeout: float = 5.0
+    freeze_max: float = 600.0
     command_timeouts: tuple = tuple(sorted(DEFAULT_COMMAND_TIMEOUTS.items()))
 
 
@@ -112,6 +123,10 @@ class Config:
     metrics: tuple[str, int] | None = None
     directory: DirectoryConfig | None = None
     defaults: AgentSettings = AgentSettings()
+    # Bytes buffered for all clients of all agents together (partial
+    # messages, queued requests, unwritten replies); past it, the client
+    # that would cross it is refused. 1 GiB: sixteen 64 MiB messages.
+    max_buffered_bytes: int = 1 << 30
 
     def agent(self, name: str) -> AgentConfig | None:
         for agent in self.agents:
@@ -145,6 +160,7 @@ _SETTINGS: dict[str, tuple[tuple[type, ...], Callable | None]] = {
     "client_write_timeout": ((int, float), _positive),
     "shutdown_grace": ((int, float), _at_least(0)),
     "connect_timeout": ((int, float), _positive),
+    "freeze_max": ((int, float), _positive),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table", list: "an array"}
 
@@ -258,7 +274,34 @@ def _settings(checker: _Checker, table: dict, path: str, base: AgentSettings) ->
 
 
 _SETTING_KEYS = set(_SETTINGS) | {"command_timeouts"}
-_LISTENER_KEYS = {"path", "mode", "owner", "group", "name"}
+_LISTENER_KEYS = {"path", "mode", "owner", "group", "name", "allow", "deny", "peer_uids", "peer_gids", "max_clients"}
+
+
+def _patterns(checker: "_Checker", table: dict, key: str, path: str) -> tuple[str, ...] | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        checker.problem(_join(path, key), "must be an array of command name patterns (globs like \"guest-get-*\")")
+        return None
+    return tuple(value)
+
+
+def _ids(checker: "_Checker", table: dict, key: str, path: str, convert) -> tuple[int, ...] | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, list):
+        checker.problem(_join(path, key), "must be an array of names or numbers")
+        return None
+    out = []
+    for i, item in enumerate(value):
+        result = convert(item)
+        if isinstance(result, str):
+            checker.problem("%s[%d]" % (_join(path, key), i), result)
+        else:
+            out.append(result)
+    return tuple(out)
 
 
 def _listener(checker: _Checker, value: Any, path: str) -> ListenerConfig | None:
@@ -277,6 +320,17 @@ def _listener(checker: _Checker, value: Any, path: str) -> ListenerConfig | None
             checker.problem(_join(path, "name"), "must be 1-64 letters, digits, '_', '.', ':' or '-'")
             ok = False
         fields["name"] = name
+    for key in ("allow", "deny"):
+        patterns = _patterns(checker, table, key, path)
+        if patterns is not None:
+            fields[key] = patterns
+    for key, convert in (("peer_uids", _uid), ("peer_gids", _gid)):
+        ids = _ids(checker, table, key, path, convert)
+        if ids is not None:
+            fields[key] = ids
+    max_clients = checker.typed(table, "max_clients", path, (int,), _at_least(1))
+    if max_clients is not None:
+        fields["max_clients"] = max_clients
     for key, convert in (("mode", _mode), ("owner", _uid), ("group", _gid)):
         if key in table:
             result = convert(table[key])
@@ -361,7 +415,13 @@ def _directory(checker: _Checker, value: Any, path: str) -> DirectoryConfig | No
 def parse(data: dict) -> Config:
     """Validate a decoded TOML document; raise ConfigError with every problem."""
     checker = _Checker()
-    top = checker.table(data, "", {"log", "metrics", "defaults", "agent", "directory"})
+    top = checker.table(data, "", {"log", "metrics", "defaults", "agent", "directory", "limits"})
+    max_buffered = 1 << 30
+    if "limits" in top:
+        limits = checker.table(top["limits"], "limits", {"max_buffered_bytes"})
+        value = checker.typed(limits, "max_buffered_bytes", "limits", (int,), _at_least(1 << 20))
+        if value is not None:
+            max_buffered = value
     log_level = "info"
     log_format = "plain"
     if "log" in top:
@@ -409,7 +469,7 @@ def parse(data: dict) -> Config:
     _check_unique(checker, agents)
     if checker.problems:
         raise ConfigError(checker.problems)
-    return Config(tuple(agents), log_level, log_format, metrics, directory, defaults)
+    return Config(tuple(agents), log_level, log_format, metrics, directory, defaults, max_buffered)
 
 
 def _check_unique(checker: _Checker, agents: list[AgentConfig]) -> None:

@@ -67,6 +67,19 @@ class MetricsRegistry:
         self.connects = Counter(
             "qgaproxy_upstream_connects", "Connections made to the agent channel", ["agent"], registry=r
         )
+        self.refused = Counter(
+            "qgaproxy_clients_refused", "Connections refused at accept, by reason", ["agent", "listener", "reason"], registry=r
+        )
+        self.denied = Counter(
+            "qgaproxy_policy_denials", "Requests refused by a listener's policy", ["agent", "listener"], registry=r
+        )
+        self.freeze_thaws = Counter(
+            "qgaproxy_freeze_guard_thaws", "Thaws the freeze guard asked for, by reason", ["agent", "reason"], registry=r
+        )
+        self.frozen = Gauge("qgaproxy_guest_frozen", "1 while the guest's filesystems are frozen", ["agent"], registry=r)
+        self.memory_refusals = Counter(
+            "qgaproxy_memory_limit_refusals", "Clients refused for the total buffer limit", ["agent"], registry=r
+        )
 
     def for_agent(self, name: str, upstream: Upstream) -> "Metrics":
         return Metrics(self, name, upstream)
@@ -155,6 +168,22 @@ class Metrics(Observer):
 
     def connected(self):
         self.connects.inc()
+
+    def refused(self, listener: str, reason: str):
+        self.family.refused.labels(self.name, listener, reason).inc()
+
+    def denied(self, client, command):
+        self.family.denied.labels(self.name, client.listener).inc()
+
+    def freeze_guard(self, why: str):
+        reason = "owner gone" if "disconnected" in why else "too long" if "longer" in why else "no owner"
+        self.family.freeze_thaws.labels(self.name, reason).inc()
+
+    def frozen_changed(self, frozen: bool):
+        self.family.frozen.labels(self.name).set(1 if frozen else 0)
+
+    def memory_limit(self, client, total):
+        self.family.memory_refusals.labels(self.name).inc()
 
     def client_opened(self, listener: str):
         self._listeners.add(listener)

@@ -65,15 +65,16 @@ class Policy:
     def denial_reason(self) -> str:
         return "denied by qgaproxy policy of listener '%s'" % self.name
 
-    def admits(self, uid: int | None, gid: int | None) -> bool:
-        """Whether a peer with these credentials may connect."""
+    def admits(self, uid: int | None, gids: frozenset = frozenset()) -> bool:
+        """Whether a peer with this uid and these groups (primary and
+        supplementary) may connect."""
         if not self.peer_uids and not self.peer_gids:
             return True
         if uid is None:
             return False  # credentials unknown: a restricted listener refuses
         if uid in self.peer_uids:
             return True
-        return gid is not None and gid in self.peer_gids
+        return any(gid in self.peer_gids for gid in gids)
 
 
 OPEN = Policy()

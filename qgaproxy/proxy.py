@@ -22,7 +22,7 @@ import trio
 
 from . import transport
 from .metrics import MetricsRegistry
-from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Client, Observer, Router
+from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Budget, Client, Observer, Router
 from .transport import UpstreamAddress
 from .upstream import State, Timings, Upstream
 
@@ -59,6 +59,7 @@ class ProxyConfig:
     shutdown_grace: float = 2.0
     metrics: tuple[str, int] | None = None
     connect_timeout: float = 5.0
+    freeze_max: float = 600.0
 
     def listener_configs(self) -> tuple:
         if self.listeners:
@@ -89,6 +90,7 @@ class ProxyConfig:
             client_write_timeout=s.client_write_timeout,
             shutdown_grace=s.shutdown_grace,
             connect_timeout=s.connect_timeout,
+            freeze_max=s.freeze_max,
             **extra,
         )
 
@@ -182,9 +184,39 @@ class _Fanout(Observer):
     def client_disconnect_requested(self, client, why):
         self.log.warning("closing client %d: %s", client.number, why)
 
+    def denied(self, client, command):
+        self.log.info("client %d on %s: %s denied by policy", client.number, client.listener, command)
+        self.proxy.metrics.denied(client, command)
+
+    def freeze_guard(self, why):
+        self.log.warning("freeze guard: thawing the guest: %s", why)
+        self.proxy.metrics.freeze_guard(why)
+
+    def frozen(self, frozen, owner):
+        who = "client %d" % owner.number if owner is not None else "no client of ours"
+        self.log.info("guest filesystems %s", "frozen by " + who if frozen else "thawed")
+        self.proxy.metrics.frozen_changed(frozen)
+
+    def internal_result(self, command, ok, detail):
+        if ok:
+            self.log.info("proxy's own %s: done", command)
+        else:
+            self.log.warning("proxy's own %s failed: %s", command, detail)
+
+    def memory_limit(self, client, total):
+        self.log.warning("closing client %d: the total buffer limit (%d bytes) is reached", client.number, total)
+        self.proxy.metrics.memory_limit(client, total)
+
 
 class Proxy:
-    def __init__(self, config: ProxyConfig, *, sim_agent=None, metrics_registry: MetricsRegistry | None = None):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        sim_agent=None,
+        metrics_registry: MetricsRegistry | None = None,
+        budget: Budget | None = None,
+    ):
         self.config = config
         self.log = _AgentLog(log, config.name)
         self.upstream = Upstream(
@@ -200,7 +232,10 @@ class Proxy:
             client_backlog=config.client_backlog,
             max_message_size=config.max_message_size,
             observer=_Fanout(self),
+            freeze_max=config.freeze_max,
+            budget=budget,
         )
+        self._open_clients: dict[str, int] = {}
         self._sim_agent = sim_agent
         self._sessions: dict[Client, Session] = {}
         self._upstream_wake = Signal()
@@ -263,7 +298,7 @@ class Proxy:
                 )
                 self._listeners.append(listener)
                 self._bound_paths.append(listener_config.path)
-                nursery.start_soon(self._accept_loop, listener, listener_config.label)
+                nursery.start_soon(self._accept_loop, listener, listener_config)
             if config.upstream.kind == "unix-listen":
                 # Listen before saying ready, so QEMU can connect from then on.
                 self._upstream_listener = await transport.open_unix_listener(config.upstream.path, 0o660, backlog=1)
@@ -420,7 +455,9 @@ class Proxy:
             self._after()
 
     # -- clients --------------------------------------------------------------------------
-    async def _accept_loop(self, listener: trio.SocketListener, name: str) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, listener_config) -> None:
+        name = listener_config.label
+        policy = listener_config.policy()
         try:
             while True:
                 try:
@@ -432,14 +469,37 @@ class Proxy:
                     self.log.warning("accept on %s failed: %s", name, exc)
                     await trio.sleep(0.1)
                     continue
-                self._nursery.start_soon(self._serve_client, stream, name)
+                refusal = self._refusal(stream, policy)
+                if refusal is not None:
+                    self.log.warning("refused a client on %s: %s", name, refusal)
+                    self.metrics.refused(name, refusal.split(" (")[0])
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self._open_clients[name] = self._open_clients.get(name, 0) + 1
+                self._nursery.start_soon(self._serve_client, stream, name, policy)
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
 
-    async def _serve_client(self, stream: trio.SocketStream, listener: str) -> None:
+    def _refusal(self, stream, policy) -> str | None:
+        """Why a new connection may not stay, or None."""
+        if self._open_clients.get(policy.name, 0) >= policy.max_clients:
+            return "too many clients (%d)" % policy.max_clients
+        if policy.peer_uids or policy.peer_gids:
+            peer = transport.peer_credentials(stream)
+            uid = peer[1] if peer else None
+            gids = transport.peer_groups(peer[0], peer[2]) if peer else frozenset()
+            if not policy.admits(uid, gids):
+                return "peer not allowed (pid %s, uid %s, gids %s)" % (
+                    peer[0] if peer else "?",
+                    uid if uid is not None else "?",
+                    ",".join(str(g) for g in sorted(gids)) or "?",
+                )
+        return None
+
+    async def _serve_client(self, stream: trio.SocketStream, listener: str, policy=None) -> None:
         peer = transport.peer_credentials(stream)
-        client = self.router.add_client(listener, peer)
+        client = self.router.add_client(listener, peer, policy) if policy is not None else self.router.add_client(listener, peer)
         session = Session(client, stream, listener, peer)
         self._sessions[client] = session
         self.metrics.client_opened(listener)
@@ -453,6 +513,7 @@ class Proxy:
         finally:
             self.router.remove_client(client)
             self._sessions.pop(client, None)
+            self._open_clients[listener] = self._open_clients.get(listener, 1) - 1
             self.metrics.client_closed(listener)
             self.log.info("client %d disconnected (%d requests)", client.number, client.requests)
             with trio.CancelScope(shield=True):

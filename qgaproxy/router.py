@@ -92,6 +92,9 @@ class Observer:
     def memory_limit(self, client: "Client", total: int) -> None:
         pass
 
+    def frozen(self, frozen: bool, owner: "Client | None") -> None:
+        pass
+
 
 @attrs.define(eq=False)
 class Slot:
@@ -651,6 +654,7 @@ class Router:
         if self.freeze.frozen != was_frozen:
             # The agent's texts for disabled commands change with the freeze.
             self._disabled_text.clear()
+            self.observer.frozen(self.freeze.frozen, self.freeze.owner)
         error = value.get("error")
         if isinstance(error, dict) and error.get("class") == messages.COMMAND_NOT_FOUND:
             desc = error.get("desc")

@@ -26,6 +26,7 @@ from . import config as configmod
 from .config import AgentConfig, Config, ConfigError, ListenerConfig
 from .metrics import MetricsRegistry, serve_metrics
 from .proxy import Proxy, ProxyConfig
+from .router import Budget
 from .transport import UpstreamAddress
 
 log = logging.getLogger("qgaproxy")
@@ -66,6 +67,7 @@ class Server:
         self.config = config
         self._load = load
         self.metrics = MetricsRegistry()
+        self.budget = Budget(config.max_buffered_bytes)
         self.agents: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
         self._metrics_scope: trio.CancelScope | None = None
@@ -119,6 +121,7 @@ class Server:
             ProxyConfig.from_agent(agent),
             sim_agent=self._sim_agents.get(agent.name),
             metrics_registry=self.metrics,
+            budget=self.budget,
         )
         scope = trio.CancelScope()
         done = trio.Event()
@@ -171,6 +174,7 @@ class Server:
     async def apply(self, new: Config) -> None:
         old = self.config
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        self.budget.limit = new.max_buffered_bytes
         if new.metrics != old.metrics:
             if self._metrics_scope is not None:
                 self._metrics_scope.cancel()

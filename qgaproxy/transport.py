@@ -172,3 +172,18 @@ def peer_credentials(stream) -> tuple[int, int, int] | None:
     import struct
 
     return struct.unpack("3i", raw)
+
+
+def peer_groups(pid: int, gid: int) -> frozenset:
+    """A peer's primary and supplementary groups (the latter from
+    /proc/PID/status; if the process is gone, only the primary)."""
+    groups = {gid}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except OSError:
+        pass
+    return frozenset(groups)
