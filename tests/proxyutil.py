@@ -416,3 +416,48 @@ async def wait_state_change(proxy, *states, timeout: float, what: str = "") -> f
                              % (what, proxy.upstream.state.value, timeout,
                                 "/".join(s.value for s in states))) from None
     return time.monotonic()
+
+
+class Transitions:
+    """Every upstream state change of an in-process proxy, with its time
+    (time.monotonic()), recorded through the router's observer so that a
+    short-lived state (resyncing for 100 ms) is not missed the way polling
+    proxy.upstream.state would miss it."""
+
+    def __init__(self, proxy) -> None:
+        self.log: list[tuple[float, object, object, str | None]] = []
+        self._progress = Progress()
+        observer = proxy.router.observer
+        original = observer.state_changed
+
+        def hook(old, new, reason):
+            self.log.append((time.monotonic(), old, new, reason))
+            original(old, new, reason)
+            self._progress.notify()
+
+        observer.state_changed = hook
+
+    def mark(self) -> int:
+        return len(self.log)
+
+    async def wait_for(self, since: int, *states, timeout: float, what: str) -> tuple[float, int]:
+        """Wait (bounded) for a change into one of `states` recorded at or
+        after index `since`; returns (its time, the index after it)."""
+        found: list = []
+
+        def seen() -> bool:
+            for i in range(since, len(self.log)):
+                if self.log[i][2] in states:
+                    found.append(i)
+                    return True
+            return False
+
+        await self._progress.until(seen, timeout, what, self.describe)
+        i = found[0]
+        return self.log[i][0], i + 1
+
+    def describe(self) -> str:
+        return "; transitions: " + ", ".join(
+            "%s->%s%s" % (old.value, new.value, " (%s)" % reason if reason else "")
+            for _, old, new, reason in self.log[-12:]
+        )
