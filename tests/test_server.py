@@ -249,3 +249,35 @@ async def test_vsock_upstream_fails_cleanly_where_vsock_is_absent(autojump_clock
         async with await Client.connect(proxy.config.listen[0]) as client:
             reply = await client.call("guest-ping", id=1)
             assert reply["error"]["desc"].startswith("Guest agent is not available")
+
+
+def test_tells_systemd_ready_reloading_and_stopping(tmp_path):
+    """Type=notify: READY=1 once listening, RELOADING=1 then READY=1 on
+    SIGHUP, STOPPING=1 on SIGTERM, over a datagram socket the test owns."""
+    notify_path = str(tmp_path / "notify")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(notify_path)
+    receiver.settimeout(20)
+    path = tmp_path / "qgaproxy.toml"
+    path.write_text(agent_toml("one", "sim", tmp_path / "one.sock"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qgaproxy", "serve", "--config", str(path)],
+        env={**os.environ, "NOTIFY_SOCKET": notify_path},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ready = receiver.recv(4096).decode()
+        assert "READY=1" in ready.split("\n")
+        assert os.path.exists(tmp_path / "one.sock")  # listening before READY=1
+        proc.send_signal(signal.SIGHUP)
+        reloading = receiver.recv(4096).decode().split("\n")
+        assert "RELOADING=1" in reloading and any(l.startswith("MONOTONIC_USEC=") for l in reloading)
+        assert "READY=1" in receiver.recv(4096).decode().split("\n")
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in receiver.recv(4096).decode().split("\n")
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        receiver.close()
