@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--sync-timeout", type=float, metavar="SECONDS", help="unanswered sync before requests fail fast (default 1)")
     serve.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     serve.add_argument("--socket-mode", metavar="MODE", help="mode of the listening sockets (default 0660)")
+    serve.add_argument("--guest-metrics", type=float, metavar="SECONDS", help="poll the guest every SECONDS for guest metrics (default: off)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["plain", "json"])
 
@@ -119,6 +120,10 @@ def build_config(args):
         if args.sync_timeout <= 0:
             raise _UsageError("--sync-timeout must be positive")
         overrides["sync_timeout"] = args.sync_timeout
+    if args.guest_metrics is not None:
+        if args.guest_metrics < 0:
+            raise _UsageError("--guest-metrics must not be negative")
+        overrides["guest_metrics_interval"] = args.guest_metrics
     if overrides:
         agents = [attrs.evolve(a, settings=attrs.evolve(a.settings, **overrides)) for a in agents]
     if args.socket_mode is not None:

@@ -16,7 +16,11 @@ import logging
 
 import prometheus_client
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from .exporter import GuestCollector, GuestState
+
+from typing import Callable
 
 from .router import Observer
 from .upstream import State, Upstream
@@ -77,6 +81,24 @@ class MetricsRegistry:
             "qgaproxy_freeze_guard_thaws", "Thaws the freeze guard asked for, by reason", ["agent", "reason"], registry=r
         )
         self.frozen = Gauge("qgaproxy_guest_frozen", "1 while the guest's filesystems are frozen", ["agent"], registry=r)
+        self.queue_wait = Histogram(
+            "qgaproxy_request_queue_wait_seconds",
+            "Time a request waited in the proxy before going to the agent",
+            ["agent", "command"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("qgaproxy_requests_in_flight", "Requests sent to the agent, not yet answered", ["agent"], registry=r)
+        self.queued = Gauge("qgaproxy_requests_queued", "Requests waiting in the proxy", ["agent"], registry=r)
+        self.agent_info = Info("qgaproxy_agent", "The guest agent behind the channel", ["agent"], registry=r)
+        self.bytes = Counter(
+            "qgaproxy_bytes", "Bytes moved, by side and direction", ["agent", "side", "direction"], registry=r
+        )
+        self.guest = GuestCollector()
+        r.register(self.guest)
+        # name -> state, for /healthz; set by whoever runs the agents
+        self.health: Callable[[], dict] = lambda: {}
+        self.serving = False  # /readyz: every listener of the process is up
         self.memory_refusals = Counter(
             "qgaproxy_memory_limit_refusals", "Clients refused for the total buffer limit", ["agent"], registry=r
         )
@@ -104,6 +126,13 @@ class Metrics(Observer):
         self._requests: dict = {}
         self._durations: dict = {}
         self._listeners: set[str] = set()
+        self._waits: dict = {}
+        self.bytes_client_in = f.bytes.labels(name, "client", "in")
+        self.bytes_client_out = f.bytes.labels(name, "client", "out")
+        self.bytes_agent_in = f.bytes.labels(name, "agent", "in")
+        self.bytes_agent_out = f.bytes.labels(name, "agent", "out")
+        self.guest_state = GuestState()
+        f.guest.agents[name] = self.guest_state
         self.agent_up.set(0)
         for state in _STATES:
             f.agent_state.labels(name, state).set(1 if state == upstream.state.value else 0)
@@ -134,6 +163,19 @@ class Metrics(Observer):
             _quiet_remove(f.duration, name, command)
         for listener in self._listeners:
             _quiet_remove(f.clients, name, listener)
+        for command in self._waits:
+            _quiet_remove(f.queue_wait, name, command)
+        for metric in (f.in_flight, f.queued, f.agent_info):
+            _quiet_remove(metric, name)
+        for side in ("client", "agent"):
+            for direction in ("in", "out"):
+                _quiet_remove(f.bytes, name, side, direction)
+        f.guest.agents.pop(name, None)
+
+    def watch_router(self, router) -> None:
+        """Gauges read from the router at scrape time."""
+        self.family.in_flight.labels(self.name).set_function(router.in_flight)
+        self.family.queued.labels(self.name).set_function(router.queued)
 
     # -- Observer --------------------------------------------------------------
     def request_done(self, command, outcome, duration, queued):
@@ -148,6 +190,11 @@ class Metrics(Observer):
             if histogram is None:
                 histogram = self._durations[label] = self.family.duration.labels(self.name, label)
             histogram.observe(duration)
+        if queued > 0:
+            wait = self._waits.get(label)
+            if wait is None:
+                wait = self._waits[label] = self.family.queue_wait.labels(self.name, label)
+            wait.observe(queued)
 
     def stale_reply(self, why):
         self.stale.inc()
@@ -160,6 +207,11 @@ class Metrics(Observer):
 
     def state_changed(self, old, new, reason):
         self.agent_up.set(1 if new is State.READY else 0)
+        info = self.upstream.info
+        if new is State.READY and info is not None:
+            self.family.agent_info.labels(self.name).info(
+                {"version": info.version or "", "echoes_id": "true" if info.echoes_id else "false"}
+            )
         for state in _STATES:
             self.family.agent_state.labels(self.name, state).set(1 if state == new.value else 0)
 
@@ -231,8 +283,11 @@ async def _handle_http(metrics: MetricsRegistry, stream: trio.SocketStream) -> N
             if len(line) < 2 or line[0] not in (b"GET", b"HEAD"):
                 await _respond(stream, 405, b"method not allowed\n")
                 return
-            path = line[1].split(b"?", 1)[0]
-            if path == b"/metrics":
+            path, _, query = line[1].partition(b"?")
+            if path in (b"/healthz", b"/readyz"):
+                status, body = _health(metrics, path, query)
+                await _respond(stream, status, body, b"application/json", head=line[0] == b"HEAD")
+            elif path == b"/metrics":
                 body = metrics.exposition()
                 await _respond(stream, 200, body, prometheus_client.CONTENT_TYPE_LATEST.encode(), head=line[0] == b"HEAD")
             else:
@@ -241,6 +296,24 @@ async def _handle_http(metrics: MetricsRegistry, stream: trio.SocketStream) -> N
         pass
     finally:
         await stream.aclose()
+
+
+def _health(metrics: MetricsRegistry, path: bytes, query: bytes) -> tuple[int, bytes]:
+    import json
+    from urllib.parse import parse_qs
+
+    if path == b"/readyz":
+        ok = metrics.serving
+        return (200 if ok else 503), json.dumps({"status": "ok" if ok else "starting"}).encode() + b"\n"
+    states = metrics.health()
+    wanted = parse_qs(query.decode("ascii", "replace")).get("agent")
+    if wanted:
+        if wanted[0] not in states:
+            return 404, json.dumps({"status": "unknown agent", "agent": wanted[0]}).encode() + b"\n"
+        states = {wanted[0]: states[wanted[0]]}
+    ok = bool(states) and all(state == "ready" for state in states.values())
+    body = {"status": "ok" if ok else "unavailable", "agents": states}
+    return (200 if ok else 503), json.dumps(body, sort_keys=True).encode() + b"\n"
 
 
 async def _respond(stream, status: int, body: bytes, ctype: bytes = b"text/plain; charset=utf-8", head=False):

@@ -60,6 +60,8 @@ class ProxyConfig:
     metrics: tuple[str, int] | None = None
     connect_timeout: float = 5.0
     freeze_max: float = 600.0
+    # Seconds between polls of the guest exporter; 0: no guest metrics.
+    guest_metrics_interval: float = 0.0
 
     def listener_configs(self) -> tuple:
         if self.listeners:
@@ -91,6 +93,7 @@ class ProxyConfig:
             shutdown_grace=s.shutdown_grace,
             connect_timeout=s.connect_timeout,
             freeze_max=s.freeze_max,
+            guest_metrics_interval=s.guest_metrics_interval,
             **extra,
         )
 
@@ -236,6 +239,7 @@ class Proxy:
             budget=budget,
         )
         self._open_clients: dict[str, int] = {}
+        self.metrics.watch_router(self.router)
         self._sim_agent = sim_agent
         self._sessions: dict[Client, Session] = {}
         self._upstream_wake = Signal()
@@ -288,6 +292,8 @@ class Proxy:
         self._nursery = nursery
         config = self.config
         if config.metrics is not None:
+            # Standalone (not under a Server): this proxy is the whole process.
+            self.metrics_registry.health = lambda: {config.name: self.upstream.state.value}
             self.metrics_listeners = await nursery.start(
                 _serve_metrics, self.metrics_registry, config.metrics[0], config.metrics[1]
             )
@@ -310,12 +316,18 @@ class Proxy:
             raise
         nursery.start_soon(self._upstream_loop)
         nursery.start_soon(self._timer_loop)
+        if config.guest_metrics_interval > 0:
+            from . import exporter
+
+            nursery.start_soon(exporter.poll, self, self.metrics.guest_state, config.guest_metrics_interval)
         self.log.info(
             "qgaproxy ready: listening on %s, upstream %s",
             ", ".join(config.listen_paths()),
             config.upstream,
         )
         self.ready.set()
+        if config.metrics is not None:
+            self.metrics_registry.serving = True
 
     async def wait_state(self, *states: State) -> None:
         """Return once the upstream is in one of the given states."""
@@ -435,6 +447,7 @@ class Proxy:
                 return "failed: %s" % (exc.__cause__ or exc)
             if not data:
                 return "closed"
+            self.metrics.bytes_agent_in.inc(len(data))
             router.upstream_data(data, trio.current_time())
             self._after()
 
@@ -445,6 +458,7 @@ class Proxy:
                 await self._upstream_wake.wait()
             data = router.take_upstream_write(trio.current_time())
             if data:
+                self.metrics.bytes_agent_out.inc(len(data))
                 try:
                     await stream.send_all(data)
                 except _CONNECTION_ERRORS as exc:
@@ -537,6 +551,7 @@ class Proxy:
                     client.closing = True
                     session.writable.set()
                     return
+                self.metrics.bytes_client_in.inc(len(data))
                 try:
                     router.client_data(client, data, trio.current_time())
                 except Exception:
@@ -558,6 +573,7 @@ class Proxy:
                     return
                 await session.writable.wait()
             data = router.take_output(client)
+            self.metrics.bytes_client_out.inc(len(data))
             session.readable.set()
             with trio.move_on_after(self.config.client_write_timeout) as scope:
                 try:

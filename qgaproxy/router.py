@@ -119,6 +119,7 @@ class Call:
     sent: float | None = None
     no_reply: bool = False
     done: bool = False
+    on_reply: Callable | None = None  # the proxy's own calls: who wants the answer
 
 
 @attrs.define(eq=False)
@@ -223,6 +224,9 @@ class Router:
         self.budget = budget or Budget()
         self._disabled_text: dict[str, bytes] = {}  # command -> the agent's "disabled" desc, learned
         self._internal = Client(0, "qgaproxy", codec.RequestDecoder(), internal=True)
+        # Polls of the guest exporter: sent only when nothing else is queued
+        # or in flight, so they never delay a client's request.
+        self._background = Client(-1, "qgaproxy-background", codec.RequestDecoder(), internal=True)
         self._last_now = 0.0
 
     # -- queries -------------------------------------------------------------
@@ -255,7 +259,11 @@ class Router:
             return False
         if self.upstream.has_outbox():
             return True
-        return self.upstream.can_send_requests() and bool(self._turns) and self._window_open()
+        if not self.upstream.can_send_requests():
+            return False
+        if self._turns:
+            return self._window_open()
+        return bool(self._background.queue) and self.in_flight() == 0
 
     def _echoes(self) -> bool:
         info = self.upstream.info
@@ -435,9 +443,21 @@ class Router:
         request = Request(command, arguments, False)
         self._enqueue(self._internal, Slot(), request, self._last_now if now is None else now)
 
-    def _enqueue(self, client: Client, slot: Slot, request: Request, now: float) -> None:
+    def background_call(self, command: str, arguments: dict | None, on_reply: Callable, now: float) -> bool:
+        """Queue a lowest-priority request of the proxy's own; on_reply(value)
+        gets the agent's reply (or an error object). False if the channel
+        is not ready or one is already waiting."""
+        if self.upstream.state is not State.READY or self._background.queue:
+            return False
+        self._last_now = now
+        self._enqueue(self._background, Slot(), Request(command, arguments, False), now, on_reply)
+        return True
+
+    def _enqueue(
+        self, client: Client, slot: Slot, request: Request, now: float, on_reply: Callable | None = None
+    ) -> None:
         timeout = self.command_timeouts.get(request.execute, self.request_timeout)
-        call = Call(client, slot, request, now, now + timeout, timeout)
+        call = Call(client, slot, request, now, now + timeout, timeout, on_reply=on_reply)
         if request.execute in messages.SYNC_COMMANDS:
             reply = _local_sync_reply(request)
             if reply is not None:
@@ -452,7 +472,7 @@ class Router:
         self.budget.take(request.size)
         self._seq += 1
         heapq.heappush(self._deadlines, (call.deadline, self._seq, call))
-        if not client.queued_for_turn:
+        if not client.queued_for_turn and client is not self._background:
             client.queued_for_turn = True
             self._turns.append(client)
 
@@ -470,7 +490,10 @@ class Router:
     def upstream_connected(self, now: float) -> None:
         self._last_now = now
         self._replies.reset()
+        old = self.upstream.state
         self.upstream.connected(now)
+        if self.upstream.state is not old:
+            self._on_state_change(old, now)
 
     def upstream_lost(self, now: float) -> None:
         """The channel closed (QEMU exited or restarted) or failed."""
@@ -508,6 +531,12 @@ class Router:
         self._fill(client, slot, b"")
 
     def _fail_queued(self, now: float) -> None:
+        for call in self._background.queue:
+            if not call.done:
+                call.done = True
+                if call.on_reply is not None:
+                    call.on_reply({"error": {"class": messages.GENERIC_ERROR, "desc": _not_available("gone")}})
+        self._background.queue.clear()
         for client in list(self._turns):
             for call in client.queue:
                 if not call.done:
@@ -527,15 +556,21 @@ class Router:
             echo = self._echoes()
             limit = self.window if echo else 1
             info = self.upstream.info
-            while self._turns and self.in_flight() < limit:
-                client = self._turns.popleft()
-                call = client.queue.popleft()
+            while self.in_flight() < limit:
+                if self._turns:
+                    client = self._turns.popleft()
+                    call = client.queue.popleft()
+                    if client.queue:
+                        self._turns.append(client)
+                    else:
+                        client.queued_for_turn = False
+                elif self._background.queue and self.in_flight() == 0 and not parts[1:]:
+                    client = self._background
+                    call = client.queue.popleft()
+                else:
+                    break
                 client.queued_bytes -= call.request.size
                 self.budget.release(call.request.size)
-                if client.queue:
-                    self._turns.append(client)
-                else:
-                    client.queued_for_turn = False
                 if call.done:
                     continue
                 if call.local_reply is not None:
@@ -615,6 +650,9 @@ class Router:
         kind = "error" if "error" in value else "return"
         request = call.request
         self._learn(call, value, now)
+        if call.on_reply is not None:
+            call.on_reply(value)
+            return
         if call.client.internal:
             error = value.get("error")
             self.observer.internal_result(
@@ -633,6 +671,8 @@ class Router:
     def _complete_error(self, call: Call, desc: str, outcome: str, now: float) -> None:
         call.done = True
         request = call.request
+        if call.on_reply is not None:
+            call.on_reply({"error": {"class": messages.GENERIC_ERROR, "desc": desc}})
         self.observer.request_done(request.execute, outcome, now - call.received, 0.0)
         self._fill(
             call.client, call.slot, messages.error_reply(messages.GENERIC_ERROR, desc, request.has_id, request.id)

@@ -68,6 +68,7 @@ class Server:
         self._load = load
         self.metrics = MetricsRegistry()
         self.budget = Budget(config.max_buffered_bytes)
+        self.metrics.health = lambda: {n: r.proxy.upstream.state.value for n, r in self.agents.items()}
         self.agents: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
         self._metrics_scope: trio.CancelScope | None = None
@@ -100,6 +101,7 @@ class Server:
                 nursery.cancel_scope.cancel()
 
     def _announce_ready(self) -> None:
+        self.metrics.serving = True
         names = ", ".join(sorted(self.agents)) or "none yet"
         log.info("qgaproxy ready: %d agent(s): %s", len(self.agents), names)
         _notify("ready", "serving %d agent(s)" % len(self.agents))
