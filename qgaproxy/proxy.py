@@ -11,6 +11,7 @@ owed too much.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -187,6 +188,28 @@ class _Fanout(Observer):
     def client_disconnect_requested(self, client, why):
         self.log.warning("closing client %d: %s", client.number, why)
 
+    def trace_request(self, client, request):
+        from . import redact
+
+        self.log.debug(
+            "client %d -> %s%s%s",
+            client.number,
+            request.execute,
+            " arguments=%s" % json.dumps(redact.arguments(request.execute, request.arguments)) if request.arguments is not None else "",
+            " id=%s" % request.id_json().decode() if request.has_id else "",
+        )
+
+    def trace_reply(self, client, command, value):
+        from . import redact
+
+        shown = dict(value)
+        if "return" in shown:
+            shown["return"] = redact.result(command, shown["return"])
+        text = json.dumps(shown)
+        if len(text) > 2000:
+            text = text[:2000] + "...(%d bytes)" % len(text)
+        self.log.debug("client %d <- %s %s", client.number, command, text)
+
     def denied(self, client, command):
         self.log.info("client %d on %s: %s denied by policy", client.number, client.listener, command)
         self.proxy.metrics.denied(client, command)
@@ -239,6 +262,7 @@ class Proxy:
             budget=budget,
         )
         self._open_clients: dict[str, int] = {}
+        self.router.trace = log.isEnabledFor(logging.DEBUG)
         self.metrics.watch_router(self.router)
         self._sim_agent = sim_agent
         self._sessions: dict[Client, Session] = {}

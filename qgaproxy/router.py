@@ -95,6 +95,13 @@ class Observer:
     def frozen(self, frozen: bool, owner: "Client | None") -> None:
         pass
 
+    # Debug traces (only called when tracing is on: see Router.trace).
+    def trace_request(self, client: "Client", request: Request) -> None:
+        pass
+
+    def trace_reply(self, client: "Client", command: str, value: dict) -> None:
+        pass
+
 
 @attrs.define(eq=False)
 class Slot:
@@ -228,6 +235,7 @@ class Router:
         # or in flight, so they never delay a client's request.
         self._background = Client(-1, "qgaproxy-background", codec.RequestDecoder(), internal=True)
         self._last_now = 0.0
+        self.trace = False  # call the observer's trace_* hooks (debug logging)
 
     # -- queries -------------------------------------------------------------
     def in_flight(self) -> int:
@@ -395,6 +403,8 @@ class Router:
             self._fill(client, self._new_slot(client), checked.reply())
             return
         client.requests += 1
+        if self.trace:
+            self.observer.trace_request(client, checked)
         self._dispatch(client, checked, now)
 
     def _dispatch(self, client: Client, request: Request, now: float) -> None:
@@ -660,6 +670,8 @@ class Router:
             )
             return
         data = messages.rewrite_id(raw, call.up_id_text, request.id_json(), kind)
+        if self.trace:
+            self.observer.trace_reply(call.client, request.execute, value)
         self.observer.request_done(
             request.execute,
             "error" if kind == "error" else "ok",
