@@ -461,3 +461,51 @@ class Transitions:
             "%s->%s%s" % (old.value, new.value, " (%s)" % reason if reason else "")
             for _, old, new, reason in self.log[-12:]
         )
+
+
+class Watch:
+    """Wakes waiters after every step of an in-process proxy: each call of
+    its _after() (client input, a reply from the agent, a client gone, a
+    timer tick), so a test waits on the proxy's state instead of sleeping.
+    Also records the results of the proxy's own requests (thaws, closing
+    the files a departed client left open) as (command, ok, detail)."""
+
+    def __init__(self, proxy) -> None:
+        self.proxy = proxy
+        self.internal: list[tuple[str, bool, str]] = []
+        self._progress = Progress()
+        original_after = proxy._after
+
+        def after():
+            original_after()
+            self._progress.notify()
+
+        proxy._after = after
+        observer = proxy.router.observer
+        original_internal = observer.internal_result
+
+        def internal_result(command, ok, detail):
+            self.internal.append((command, ok, detail))
+            original_internal(command, ok, detail)
+
+        observer.internal_result = internal_result
+
+    async def until(self, predicate, timeout: float, what: str, describe=None) -> None:
+        """Wait (bounded by `timeout` seconds of trio time) until predicate()."""
+        await self._progress.until(predicate, timeout, what, describe)
+
+
+def metric(proxy_or_text, name: str, **labels) -> float | None:
+    """The value of one sample in a proxy's Prometheus exposition (the
+    sample whose labels include `labels`), or None when there is none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if isinstance(proxy_or_text, (bytes, str)):
+        text = proxy_or_text.decode() if isinstance(proxy_or_text, bytes) else proxy_or_text
+    else:
+        text = proxy_or_text.metrics_registry.exposition().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
