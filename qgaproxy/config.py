@@ -105,6 +105,8 @@ class AgentConfig:
     upstream: UpstreamAddress
     listeners: tuple[ListenerConfig, ...]
     settings: AgentSettings = AgentSettings()
+    # unix-listen only: the peers (QEMU's uid) allowed to be the channel.
+    upstream_peer_uids: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -345,7 +347,7 @@ def _listener(checker: _Checker, value: Any, path: str) -> ListenerConfig | None
 
 
 def _agent(checker: _Checker, value: Any, path: str, defaults: AgentSettings) -> AgentConfig | None:
-    table = checker.table(value, path, {"name", "upstream", "listener"} | _SETTING_KEYS)
+    table = checker.table(value, path, {"name", "upstream", "listener", "upstream_peer_uids"} | _SETTING_KEYS)
     if not table:
         return None
     ok = True
@@ -380,9 +382,12 @@ def _agent(checker: _Checker, value: Any, path: str, defaults: AgentSettings) ->
             else:
                 listeners.append(listener)
     settings = _settings(checker, table, path, defaults)
+    peer_uids = _ids(checker, table, "upstream_peer_uids", path, _uid) or ()
+    if peer_uids and upstream is not None and upstream.kind != "unix-listen":
+        checker.problem(_join(path, "upstream_peer_uids"), "only applies to a unix-listen upstream")
     if not ok:
         return None
-    return AgentConfig(name, upstream, tuple(listeners), settings)
+    return AgentConfig(name, upstream, tuple(listeners), settings, peer_uids)
 
 
 def _directory(checker: _Checker, value: Any, path: str) -> DirectoryConfig | None:

@@ -63,6 +63,9 @@ class ProxyConfig:
     freeze_max: float = 600.0
     # Seconds between polls of the guest exporter; 0: no guest metrics.
     guest_metrics_interval: float = 0.0
+    # unix-listen: who may connect as the channel (QEMU's uid); empty: any
+    # peer the socket's mode (0660) lets in.
+    upstream_peer_uids: tuple = ()
 
     def listener_configs(self) -> tuple:
         if self.listeners:
@@ -95,6 +98,7 @@ class ProxyConfig:
             connect_timeout=s.connect_timeout,
             freeze_max=s.freeze_max,
             guest_metrics_interval=s.guest_metrics_interval,
+            upstream_peer_uids=agent.upstream_peer_uids,
             **extra,
         )
 
@@ -404,7 +408,18 @@ class Proxy:
         if address.kind == "unix-listen":
             # QEMU connects to us (-chardev socket,server=off,reconnect=N):
             # nothing else can take its one connection before we do.
-            return await self._upstream_listener.accept()
+            while True:
+                stream = await self._upstream_listener.accept()
+                allowed = self.config.upstream_peer_uids
+                peer = transport.peer_credentials(stream)
+                if not allowed or (peer is not None and peer[1] in allowed):
+                    return stream
+                self.log.warning(
+                    "refused a connection on the channel socket from pid %s uid %s: not an allowed peer",
+                    peer[0] if peer else "?",
+                    peer[1] if peer else "?",
+                )
+                await trio.aclose_forcefully(stream)
         if address.kind == "tcp":
             return await transport.open_tcp(address.host, address.port)
         if address.kind == "vsock":

@@ -281,3 +281,32 @@ def test_tells_systemd_ready_reloading_and_stopping(tmp_path):
             proc.kill()
             proc.wait()
         receiver.close()
+
+
+async def test_unix_listen_refuses_a_peer_that_is_not_qemu(tmp_path):
+    # Only the allowed uid may become the channel; anyone else is refused
+    # and QEMU's later connection is taken.
+    import shutil
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="qgaproxy-peer-")  # reachable by nobody
+    os.chmod(where, 0o755)
+    upstream = os.path.join(where, "upstream.sock")
+    async with run_proxy("unix-listen:" + upstream, upstream_peer_uids=(0,)) as proxy:
+        os.chmod(upstream, 0o666)  # let the stranger reach it: the check is SO_PEERCRED
+        stranger = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+             "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+             "print(repr(s.recv(100)), flush=True)", upstream],
+            stdout=subprocess.PIPE, text=True,
+        )
+        out = await trio.to_thread.run_sync(lambda: stranger.communicate(timeout=20)[0])
+        assert out.strip() == "b''"  # closed, never sent the proxy's sync
+        agent = sim.SimAgent()
+        async with trio.open_nursery() as nursery:
+            qemu = await trio.open_unix_socket(upstream)
+            nursery.start_soon(agent.serve, qemu)
+            with trio.fail_after(10):
+                await wait_ready(proxy)
+            nursery.cancel_scope.cancel()
+    shutil.rmtree(where, ignore_errors=True)
