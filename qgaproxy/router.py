@@ -160,6 +160,12 @@ class Client:
         return self.closing and not self.slots and not self.output
 
 
+# Messages up to this size are admitted even when the total budget is
+# spent: every ordinary request is far smaller, and a flood of large ones
+# must not lock out a client that only wants a guest-ping.
+SMALL_MESSAGE = 64 << 10
+
+
 class Budget:
     """Bytes buffered for clients, all agents of the process together."""
 
@@ -167,8 +173,10 @@ class Budget:
         self.limit = limit
         self.used = 0
 
-    def reserve(self, n: int) -> bool:
-        if self.used + n > self.limit:
+    def reserve(self, n: int, overdraft: bool = False) -> bool:
+        """overdraft: a small message (a ping) is let through even at the
+        limit, so that floods of large ones cannot lock everyone out."""
+        if self.used + n > self.limit and not overdraft:
             return False
         self.used += n
         return True
@@ -303,6 +311,7 @@ class Router:
         client.output.clear()
         self.budget.release(client.buffered())
         client.queued_bytes = client.output_bytes = 0
+        client.decoder = codec.RequestDecoder(1024)  # let its partial input go now
         if client in self.clients:
             self.clients.remove(client)
         if client.queued_for_turn:
@@ -332,7 +341,8 @@ class Router:
         self._last_now = now
         if client.gone or client.closing:
             return
-        if not self.budget.reserve(len(data)):
+        small = client.decoder.buffered() + len(data) <= SMALL_MESSAGE
+        if not self.budget.reserve(len(data), overdraft=small):
             # Every byte buffered for every client counts against one
             # total: past it, the client that would cross it is refused
             # and hung up on; everyone else keeps being served.
@@ -703,6 +713,11 @@ class Router:
         self.ownership.on_reply(call.client, request, value)
         was_frozen = self.freeze.frozen
         self.freeze.on_reply(None if call.client.internal else call.client, request, value, now)
+        if call.client.gone:
+            # It left before this reply: what it just created is nobody's.
+            for handle in self.ownership.release(call.client):
+                self._internal_call("guest-file-close", {"handle": handle}, now)
+            self._maybe_thaw(now, gone=call.client)
         if self.freeze.frozen != was_frozen:
             # The agent's texts for disabled commands change with the freeze.
             self._disabled_text.clear()
