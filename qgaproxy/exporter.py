@@ -65,10 +65,10 @@ class GuestState:
         self.errors[command] = self.errors.get(command, 0) + 1
         return False
 
-    def skip(self, command: str, why: str) -> None:
+    def skip(self, command: str, why: str, logger=log) -> None:
         if command not in self.skipped:
             self.skipped.add(command)
-            log.info("guest exporter: skipping %s (%s)", command, why)
+            logger.info("guest exporter: skipping %s (%s)", command, why)
 
 
 class GuestCollector:
@@ -156,19 +156,23 @@ class GuestCollector:
 async def poll(proxy, state: GuestState, interval: float, commands=COMMANDS) -> None:
     """Poll the agent every interval seconds, one command at a time, each
     only when the channel is idle (router.background_call)."""
+    from .proxy import _AgentLog
     from .upstream import State
 
+    agent_log = _AgentLog(log, proxy.config.name)
+    disabled: set[str] = set()  # by the agent's own block list: for good
     while True:
         await proxy.wait_state(State.READY)
         info = proxy.upstream.info
         for command in commands:
             known = info.commands.get(command) if info is not None else None
             if known is None:
-                state.skip(command, "the agent does not have it")
+                state.skip(command, "the agent does not have it", agent_log)
                 continue
-            if not known.enabled:
-                state.skip(command, "disabled in the agent")
+            if command in disabled:
                 continue
+            if proxy.router.freeze.frozen:
+                continue  # refused while frozen; try again after the thaw
             done = trio.Event()
             reply: dict = {}
 
@@ -181,4 +185,10 @@ async def poll(proxy, state: GuestState, interval: float, commands=COMMANDS) -> 
             proxy._after()
             await done.wait()  # the request's own deadline bounds this
             state.update(command, reply)
+            error = reply.get("error")
+            if isinstance(error, dict) and error.get("class") == "CommandNotFound":
+                desc = str(error.get("desc", ""))
+                if "frozen state" not in desc:
+                    disabled.add(command)
+                    state.skip(command, "disabled in the agent", agent_log)
         await trio.sleep(interval)

@@ -216,6 +216,12 @@ class _Fanout(Observer):
             text = text[:2000] + "...(%d bytes)" % len(text)
         self.log.debug("client %d <- %s %s", client.number, command, text)
 
+    def trace_local(self, client, command, data):
+        text = data.decode("ascii", "replace").strip()
+        if len(text) > 2000:
+            text = text[:2000] + "...(%d bytes)" % len(text)
+        self.log.debug("client %d <- %s %s (from the proxy)", client.number, command, text)
+
     def denied(self, client, command):
         self.log.info("client %d on %s: %s denied by policy", client.number, client.listener, command)
         self.proxy.metrics.denied(client, command)
@@ -570,7 +576,9 @@ class Proxy:
             self._sessions.pop(client, None)
             self._open_clients[listener] = self._open_clients.get(listener, 1) - 1
             self.metrics.client_closed(listener)
-            self.log.info("client %d disconnected (%d requests)", client.number, client.requests)
+            self.log.info(
+                "client %d disconnected (pid %s, uid %s; %d requests)", client.number, pid, uid, client.requests
+            )
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             self._after()

@@ -102,6 +102,9 @@ class Observer:
     def trace_reply(self, client: "Client", command: str, value: dict) -> None:
         pass
 
+    def trace_local(self, client: "Client", command: str, data: bytes) -> None:
+        pass
+
 
 @attrs.define(eq=False)
 class Slot:
@@ -370,7 +373,7 @@ class Router:
             elif isinstance(event, codec.ParseError):
                 self.observer.request_done(None, "invalid", 0.0, 0.0)
                 slot = self._new_slot(client)
-                self._fill(client, slot, messages.error_reply(messages.GENERIC_ERROR, event.desc))
+                self._fill(client, slot, messages.error_reply(messages.GENERIC_ERROR, event.desc), "(invalid)")
                 if event.oversize:
                     # Beyond repair: what follows in the stream is the rest
                     # of the oversize message. Answer, then hang up.
@@ -385,10 +388,14 @@ class Router:
         client.slots.append(slot)
         return slot
 
-    def _fill(self, client: Client, slot: Slot, data: bytes) -> None:
+    def _fill(self, client: Client, slot: Slot, data: bytes, command: str | None = None) -> None:
+        """Give a slot its reply. command: set for replies the proxy makes
+        itself, so that debug traces show them too."""
         slot.data = data
         if client.gone or client.internal:
             return
+        if command is not None and self.trace and data:
+            self.observer.trace_local(client, command, data)
         slots = client.slots
         moved = False
         while slots and slots[0].data is not None:
@@ -410,7 +417,7 @@ class Router:
         checked = messages.check_request(value, size)
         if isinstance(checked, messages.Rejected):
             self.observer.request_done(None, "invalid", 0.0, 0.0)
-            self._fill(client, self._new_slot(client), checked.reply())
+            self._fill(client, self._new_slot(client), checked.reply(), "(invalid)")
             return
         client.requests += 1
         if self.trace:
@@ -427,6 +434,7 @@ class Router:
                 client,
                 slot,
                 messages.disabled_reply(command, request.has_id, request.id, client.policy.denial_reason()),
+                command,
             )
             return
         if not self.upstream.accepts_requests():
@@ -435,7 +443,7 @@ class Router:
         local = self._answer_locally(client, request)
         if local is not None:
             self.observer.request_done(command, "error", 0.0, 0.0)
-            self._fill(client, slot, local)
+            self._fill(client, slot, local, command)
             return
         self._enqueue(client, slot, request, now)
 
@@ -484,7 +492,7 @@ class Router:
                 if self.upstream.state is State.READY:
                     # The slot keeps it behind this client's earlier replies.
                     self.observer.request_done(request.execute, "ok", 0.0, 0.0)
-                    self._fill(client, slot, reply)
+                    self._fill(client, slot, reply, request.execute)
                     return
                 call.local_reply = reply  # answered in its turn, once ready
         client.queue.append(call)
@@ -504,6 +512,7 @@ class Router:
             client,
             slot,
             messages.error_reply(messages.GENERIC_ERROR, _not_available(why), request.has_id, request.id),
+            request.execute,
         )
 
     # -- upstream I/O ------------------------------------------------------------
@@ -596,7 +605,7 @@ class Router:
                 if call.local_reply is not None:
                     call.done = True
                     self.observer.request_done(call.request.execute, "ok", 0.0, now - call.received)
-                    self._fill(client, call.slot, call.local_reply)
+                    self._fill(client, call.slot, call.local_reply, call.request.execute)
                     continue
                 request = call.request
                 if echo:
@@ -695,9 +704,14 @@ class Router:
         request = call.request
         if call.on_reply is not None:
             call.on_reply({"error": {"class": messages.GENERIC_ERROR, "desc": desc}})
+        if call.client.internal:
+            return  # the proxy's own request: not a client's, not counted as one
         self.observer.request_done(request.execute, outcome, now - call.received, 0.0)
         self._fill(
-            call.client, call.slot, messages.error_reply(messages.GENERIC_ERROR, desc, request.has_id, request.id)
+            call.client,
+            call.slot,
+            messages.error_reply(messages.GENERIC_ERROR, desc, request.has_id, request.id),
+            request.execute,
         )
 
     def _resync(self, now: float, reason: str, sentinel: bool = True) -> None:
@@ -811,7 +825,8 @@ class Router:
                     # Order is lost once a reply is late: the sync restores it.
                     self._in_order.clear()
                 resync = True
-            self.observer.timeout(call.request.execute, call.timeout, call.client)
+            if not call.client.internal:
+                self.observer.timeout(call.request.execute, call.timeout, call.client)
             self._complete_error(
                 call,
                 "Guest agent command '%s' timed out after %g seconds" % (call.request.execute, call.timeout),
