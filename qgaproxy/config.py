@@ -65,6 +65,7 @@ class ListenerConfig:
     peer_uids: tuple[int, ...] = ()
     peer_gids: tuple[int, ...] = ()
     max_clients: int = 1024
+    protocol: str = "qga"  # "qga" (negotiation optional) or "qmp" (QMP proper)
 
     def policy(self):
         from .policy import Policy
@@ -278,7 +279,9 @@ def _settings(checker: _Checker, table: dict, path: str, base: AgentSettings) ->
 
 
 _SETTING_KEYS = set(_SETTINGS) | {"command_timeouts"}
-_LISTENER_KEYS = {"path", "mode", "owner", "group", "name", "allow", "deny", "peer_uids", "peer_gids", "max_clients"}
+_LISTENER_KEYS = {
+    "path", "mode", "owner", "group", "name", "allow", "deny", "peer_uids", "peer_gids", "max_clients", "protocol",
+}
 
 
 def _patterns(checker: "_Checker", table: dict, key: str, path: str) -> tuple[str, ...] | None:
@@ -332,6 +335,13 @@ def _listener(checker: _Checker, value: Any, path: str) -> ListenerConfig | None
         ids = _ids(checker, table, key, path, convert)
         if ids is not None:
             fields[key] = ids
+    protocol = checker.typed(table, "protocol", path, (str,))
+    if protocol is not None:
+        if protocol not in ("qga", "qmp"):
+            checker.problem(_join(path, "protocol"), "must be qga or qmp, got %r" % protocol)
+            ok = False
+        else:
+            fields["protocol"] = protocol
     max_clients = checker.typed(table, "max_clients", path, (int,), _at_least(1))
     if max_clients is not None:
         fields["max_clients"] = max_clients

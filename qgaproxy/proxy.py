@@ -537,7 +537,7 @@ class Proxy:
                     await trio.aclose_forcefully(stream)
                     continue
                 self._open_clients[name] = self._open_clients.get(name, 0) + 1
-                self._nursery.start_soon(self._serve_client, stream, name, policy)
+                self._nursery.start_soon(self._serve_client, stream, name, policy, listener_config.protocol)
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
@@ -558,9 +558,11 @@ class Proxy:
                 )
         return None
 
-    async def _serve_client(self, stream: trio.SocketStream, listener: str, policy=None) -> None:
+    async def _serve_client(self, stream: trio.SocketStream, listener: str, policy=None, protocol: str = "qga") -> None:
+        from .policy import OPEN
+
         peer = transport.peer_credentials(stream)
-        client = self.router.add_client(listener, peer, policy) if policy is not None else self.router.add_client(listener, peer)
+        client = self.router.add_client(listener, peer, policy or OPEN, protocol)
         session = Session(client, stream, listener, peer)
         self._sessions[client] = session
         self.metrics.client_opened(listener)

@@ -34,7 +34,9 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from . import codec, messages
+import time
+
+from . import codec, messages, negotiation
 from .freezeguard import DEFAULT_MAX_FROZEN, FreezeGuard
 from .isolation import Ownership
 from .messages import Request
@@ -148,6 +150,10 @@ class Client:
     requests: int = 0
     policy: Policy = OPEN
     internal: bool = False  # the proxy itself (thaws, closing left handles)
+    protocol: str = "qga"  # or "qmp": see negotiation.py
+    offered: bool = False  # request-negotiation answered (qga listeners)
+    negotiated: bool = False
+    capabilities: frozenset = frozenset()
     queued_bytes: int = 0  # size of its requests not yet sent
     output_bytes: int = 0  # size of replies not yet written
 
@@ -210,6 +216,7 @@ class Router:
         max_message_size: int = codec.MAX_TOKEN_SIZE,
         observer: Observer | None = None,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
         freeze_max: float = DEFAULT_MAX_FROZEN,
         budget: "Budget | None" = None,
     ):
@@ -246,6 +253,8 @@ class Router:
         # or in flight, so they never delay a client's request.
         self._background = Client(-1, "qgaproxy-background", codec.RequestDecoder(), internal=True)
         self._last_now = 0.0
+        self.wall_clock = wall_clock
+        self._announced: str | None = None  # the last availability event sent
         self.trace = False  # call the observer's trace_* hooks (debug logging)
 
     # -- queries -------------------------------------------------------------
@@ -293,13 +302,79 @@ class Router:
         return self.in_flight() < limit
 
     # -- clients ---------------------------------------------------------------
-    def add_client(self, listener: str = "", peer: Any = None, policy: Policy = OPEN) -> Client:
+    def add_client(self, listener: str = "", peer: Any = None, policy: Policy = OPEN, protocol: str = "qga") -> Client:
         self._client_numbers += 1
         client = Client(
-            self._client_numbers, listener, codec.RequestDecoder(self.max_message_size), peer=peer, policy=policy
+            self._client_numbers,
+            listener,
+            codec.RequestDecoder(self.max_message_size),
+            peer=peer,
+            policy=policy,
+            protocol=protocol,
         )
         self.clients.append(client)
+        if protocol == "qmp":
+            self._push(client, messages.qjson.dumpb(self._greeting()) + b"\n")
         return client
+
+    def _greeting(self) -> dict:
+        info = self.upstream.info
+        return negotiation.greeting(info.version if info is not None else None)
+
+    def _push(self, client: Client, data: bytes) -> None:
+        """Out-of-band output (greeting, events): not a reply to a request."""
+        client.output.append(data)
+        client.output_bytes += len(data)
+        self.budget.take(len(data))
+        self._dirty.add(client)
+
+    def _negotiate(self, client: Client, request: Request) -> bytes | None:
+        """The proxy's own commands for negotiation; None if not one."""
+        command = request.execute
+        if client.protocol == "qmp" and not client.negotiated:
+            if command != "qmp_capabilities":
+                return messages.error_reply(
+                    messages.COMMAND_NOT_FOUND, negotiation.EXPECTING, request.has_id, request.id
+                )
+        elif command == "request-negotiation" and client.protocol == "qga":
+            if client.negotiated:
+                return messages.error_reply(messages.COMMAND_NOT_FOUND, negotiation.ALREADY, request.has_id, request.id)
+            client.offered = True
+            return messages.return_reply(self._greeting(), request.has_id, request.id)
+        elif command == "query-agent" and client.negotiated:
+            return messages.return_reply(self._agent_status(), request.has_id, request.id)
+        if command != "qmp_capabilities" or not (client.protocol == "qmp" or client.offered):
+            return None
+        if client.negotiated:
+            return messages.error_reply(messages.COMMAND_NOT_FOUND, negotiation.ALREADY, request.has_id, request.id)
+        chosen, error = negotiation.select(request)
+        if error is not None:
+            return error
+        client.negotiated = True
+        client.capabilities = frozenset(chosen)
+        return messages.return_reply({}, request.has_id, request.id)
+
+    def _agent_status(self) -> dict:
+        info = self.upstream.info
+        status: dict = {
+            "state": self.upstream.state.value,
+            "since": round(self.wall_clock() - (self._last_now - self.upstream.since), 3),
+            "frozen": self.freeze.frozen,
+        }
+        if info is not None:
+            status["version"] = info.version or ""
+            status["echoes-id"] = info.echoes_id
+            status["commands"] = [
+                {"name": name, "enabled": c.enabled, "success-response": c.success_response}
+                for name, c in sorted(info.commands.items())
+            ]
+        return status
+
+    def _announce(self, name: str, data: dict) -> None:
+        event = negotiation.event(name, data, self.wall_clock())
+        for client in self.clients:
+            if "agent-events" in client.capabilities and not client.gone and not client.closing:
+                self._push(client, event)
 
     def remove_client(self, client: Client) -> None:
         """The connection is gone: forget its queue; in-flight requests
@@ -422,6 +497,11 @@ class Router:
         client.requests += 1
         if self.trace:
             self.observer.trace_request(client, checked)
+        local = self._negotiate(client, checked)
+        if local is not None:
+            self.observer.request_done(checked.execute, "error" if b'"error"' in local[:12] else "ok", 0.0, 0.0)
+            self._fill(client, self._new_slot(client), local, checked.execute)
+            return
         self._dispatch(client, checked, now)
 
     def _dispatch(self, client: Client, request: Request, now: float) -> None:
@@ -757,7 +837,19 @@ class Router:
 
     def _on_state_change(self, old: State, now: float) -> None:
         new = self.upstream.state
+        reason = self.upstream.resync_reason or self.upstream.last_resync_reason
         self.observer.state_changed(old, new, self.upstream.resync_reason)
+        if new is State.READY:
+            info = self.upstream.info
+            data = {"version": info.version or ""} if info is not None else {}
+            if self._announced == "available" and old is State.RESYNCING:
+                self._announce("AGENT_RESYNCED", dict(data, reason=reason or "resync"))
+            elif self._announced != "available":
+                self._announce("AGENT_AVAILABLE", data)
+            self._announced = "available"
+        elif new in (State.UNAVAILABLE, State.CONNECTING) and self._announced != "unavailable":
+            self._announce("AGENT_UNAVAILABLE", {"state": new.value})
+            self._announced = "unavailable"
         if new is State.READY:
             self._disabled_text.clear()
             self.freeze.reset()

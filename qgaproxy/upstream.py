@@ -99,6 +99,7 @@ class Upstream:
         self.since: float = 0.0  # when the state last changed
         self.generation = 0  # bumps on every new connection
         self.resync_reason: str | None = None
+        self.last_resync_reason: str | None = None  # why the last (re)sync happened
         self.use_delimited = True
         # sync bookkeeping
         self._phase: str | None = None  # "sync", "info" or None
@@ -294,5 +295,6 @@ class Upstream:
         self._retry_at = None
         self._retry_delay = self.timings.sync_timeout
         self._connect_backoff = self.timings.backoff_min
+        self.last_resync_reason = self.resync_reason
         self.resync_reason = None
         return self._set(State.READY, now)
