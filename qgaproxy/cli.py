@@ -108,22 +108,22 @@ def build_config(args):
             agent = attrs.evolve(agent, listeners=tuple(configmod.ListenerConfig(p) for p in args.listen))
         agents[0] = agent
     overrides = {}
-    if args.request_timeout is not None:
-        if args.request_timeout <= 0:
-            raise _UsageError("--request-timeout must be positive")
-        overrides["request_timeout"] = args.request_timeout
-    if args.window is not None:
-        if args.window < 1:
-            raise _UsageError("--window must be at least 1")
-        overrides["window"] = args.window
-    if args.sync_timeout is not None:
-        if args.sync_timeout <= 0:
-            raise _UsageError("--sync-timeout must be positive")
-        overrides["sync_timeout"] = args.sync_timeout
-    if args.guest_metrics is not None:
-        if args.guest_metrics < 0:
-            raise _UsageError("--guest-metrics must not be negative")
-        overrides["guest_metrics_interval"] = args.guest_metrics
+    # flag, setting, smallest allowed value, whether the smallest is allowed
+    for flag, setting, low, inclusive in (
+        ("request_timeout", "request_timeout", 0, False),
+        ("window", "window", 1, True),
+        ("sync_timeout", "sync_timeout", 0, False),
+        ("guest_metrics", "guest_metrics_interval", 0, True),
+    ):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if value < low or (value == low and not inclusive):
+            name = "--" + flag.replace("_", "-")
+            raise _UsageError(
+                "%s must be %s" % (name, "positive" if low == 0 and not inclusive else "at least %s" % low)
+            )
+        overrides[setting] = value
     if overrides:
         agents = [attrs.evolve(a, settings=attrs.evolve(a.settings, **overrides)) for a in agents]
     if args.socket_mode is not None:
