@@ -208,16 +208,18 @@ class _Fanout(Observer):
     def trace_reply(self, client, command, value):
         from . import redact
 
-        shown = dict(value)
-        if "return" in shown:
-            shown["return"] = redact.result(command, shown["return"])
-        text = json.dumps(shown)
+        text = json.dumps(redact.reply(command, value))
         if len(text) > 2000:
             text = text[:2000] + "...(%d bytes)" % len(text)
         self.log.debug("client %d <- %s %s", client.number, command, text)
 
     def trace_local(self, client, command, data):
-        text = data.decode("ascii", "replace").strip()
+        from . import redact
+
+        if command in redact.SECRET_ARGUMENTS:
+            text = "<reply redacted: %d bytes>" % len(data)
+        else:
+            text = data.decode("ascii", "replace").strip()
         if len(text) > 2000:
             text = text[:2000] + "...(%d bytes)" % len(text)
         self.log.debug("client %d <- %s %s (from the proxy)", client.number, command, text)

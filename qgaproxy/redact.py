@@ -59,3 +59,16 @@ def request(value: Any) -> Any:
     out = dict(value)
     out["arguments"] = arguments(value["execute"], value["arguments"])
     return out
+
+
+def reply(command: str, value: dict) -> dict:
+    """A decoded reply, redacted: secret results, and the error text of a
+    command with secret arguments (the agent quotes them back: an invalid
+    SSH key, a password it refuses)."""
+    shown = dict(value)
+    if "return" in shown:
+        shown["return"] = result(command, shown["return"])
+    error = shown.get("error")
+    if command in SECRET_ARGUMENTS and isinstance(error, dict) and "desc" in error:
+        shown["error"] = dict(error, desc=_marker(error["desc"]))
+    return shown
