@@ -99,6 +99,7 @@ _DQ_RUN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\xfd]+")
 _SQ_RUN = re.compile(rb"[\x20-\x26\x28-\x5b\x5d-\xfd]+")
 _RECOVERY_RUN = re.compile(rb"[\x09\x20-\x2b\x2d-\x39\x3b-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]+")
 _WS_RUN = re.compile(rb"[ \t\r\n]+")
+_INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
 # A whole token in one step, when it is plainly complete: a string, or a
 # number/keyword followed by a byte that can only end it.
 _FAST_TOKEN = re.compile(
@@ -159,7 +160,7 @@ class RequestDecoder:
                     if m is not None:
                         end = m.end()
                         if m.lastindex == 1:
-                            kind = INTEGER if re.fullmatch(rb"-?(?:0|[1-9][0-9]*)", m.group(1)) else FLOAT
+                            kind = INTEGER if _INTEGER.fullmatch(m.group(1)) else FLOAT
                         elif m.lastindex == 2:
                             kind = KEYWORD
                         else:

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import signal
-from typing import Callable
 
 import attrs
 import trio

@@ -12,7 +12,6 @@ It decides nothing about the protocol; each Proxy does that.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import logging
 import os

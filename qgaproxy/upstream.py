@@ -230,9 +230,6 @@ class Upstream:
         return changed
 
     # -- replies during a sync -------------------------------------------------
-    def on_sentinel(self) -> None:
-        pass  # the decoder already dropped what came before it
-
     def on_reply(self, value: Any, now: float) -> tuple[bool, State | None]:
         """Offer a decoded reply while syncing.
 

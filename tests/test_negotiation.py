@@ -119,7 +119,7 @@ async def test_qmp_shell_without_n_on_a_qmp_listener(real_agent, tmp_path):
 
         result = await trio.to_thread.run_sync(run)
     assert "Welcome to the QMP low-level shell" in result.stdout, result
-    assert '"return": {}' in result.stdout.replace("'", '"') or "{}" in result.stdout
+    assert '"return": {}' in result.stdout.replace("'", '"')  # the guest-ping reply
     assert "7.2.22" in result.stdout
 
 
