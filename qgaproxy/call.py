@@ -131,8 +131,52 @@ def add_parser(sub) -> None:
         "with a convenience form and no value: print the agent's reply as JSON",
     )
     parser.add_argument("agent_command", metavar="COMMAND", help="an agent command name or a convenience form")
-    parser.add_argument("words", nargs="*", metavar="ARG", help="KEY=VALUE pairs, or the form's own arguments")
+    # The words after COMMAND are scanned by split_options(): argparse
+    # cannot take positionals on both sides of an option here.
+    parser.add_argument(
+        "words", nargs=argparse.REMAINDER, metavar="ARG", help="KEY=VALUE pairs, or the form's own arguments"
+    )
     parser.set_defaults(run=run, parser=parser)
+
+
+def split_options(args) -> list[str]:
+    """The options among the words after COMMAND (they may come anywhere
+    before a `--`; for exec, only before the program), set on `args`; the
+    other words are returned. --json takes a value after an agent command
+    and none after a convenience form."""
+    words, positional = args.words, []
+    form = args.agent_command in shortcuts.FORMS
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word == "--" or (args.agent_command == "exec" and positional):
+            positional.extend(words[i:] if word == "--" else words[i - 1 :])
+            break
+        name, eq, value = word.partition("=") if word.startswith("--") else (word, "", "")
+        if name in ("-h", "--help"):
+            args.parser.print_help()
+            args.parser.exit(0)
+        if name not in ("--socket", "--timeout", "--json"):
+            positional.append(word)
+            continue
+        if name == "--json" and form:
+            if eq:
+                raise UsageError("--json takes no value with the convenience form %s" % args.agent_command)
+            args.json = True
+            continue
+        if not eq:
+            if i >= len(words):
+                raise UsageError("%s needs a value" % name)
+            value, i = words[i], i + 1
+        if name == "--timeout":
+            try:
+                args.timeout = float(value)
+            except ValueError:
+                raise UsageError("--timeout: not a number: %r" % value) from None
+        else:
+            setattr(args, name[2:], value)
+    return positional
 
 
 def add_socket_options(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +203,10 @@ def check_socket_options(args) -> None:
 
 
 def run(args) -> int:
+    try:
+        args.words = split_options(args)
+    except UsageError as exc:
+        args.parser.error(str(exc))
     check_socket_options(args)
     name = args.agent_command
     form = shortcuts.FORMS.get(name)

@@ -145,10 +145,13 @@ class AgentClient:
         another id (late replies to an interrupted request) are skipped."""
         if self._sock is None:
             self.connect()
+        if self._needs_sync:
+            # A round trip of its own (after a timeout it waits for the
+            # late reply too), within the caller's deadline if any.
+            sync_deadline = time.monotonic() + self.timeout
+            self.sync(sync_deadline if deadline is None else min(deadline, sync_deadline))
         if deadline is None:
             deadline = time.monotonic() + self.timeout
-        if self._needs_sync:
-            self.sync(deadline)
         message = dict(message)
         if self._use_ids:
             message.setdefault("id", new_id())

@@ -83,7 +83,7 @@ class Shell:
         if not line or line.startswith("#"):
             return True
         try:
-            if line.startswith("{"):
+            if line[0] in "{[\"":  # JSON: a request, or a mistaken one
                 self._raw(line)
                 return True
             words = shlex.split(line)
@@ -137,6 +137,8 @@ class Shell:
             self.error("%s: %s" % (exc.error_class, exc.desc))
             return
         finally:
+            if out.mid_line:  # the prompt starts on a line of its own
+                self.stdout.write("\n")
             self.stdout.flush()
         if name == "exec":
             self.stdout.write("[exit status %d]\n" % status)

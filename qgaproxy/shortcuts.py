@@ -45,19 +45,24 @@ class Output:
     pretty: bool = False
     #: A progress line on stderr for long transfers.
     progress: bool = False
+    #: The last bytes written to stdout did not end a line (cat, exec).
+    mid_line: bool = False
 
     def json(self, value: Any) -> None:
-        self.stdout.write(format_json(value, self.pretty) + "\n")
+        self.line(format_json(value, self.pretty))
         self.stdout.flush()
 
     def line(self, text: str = "") -> None:
         self.stdout.write(text + "\n")
+        self.mid_line = False
 
     def binary(self, data: bytes, err: bool = False) -> None:
         stream = self.stderr if err else self.stdout
         stream.flush()
         getattr(stream, "buffer", stream).write(data)
         getattr(stream, "buffer", stream).flush()
+        if data and not err:
+            self.mid_line = not data.endswith(b"\n")
 
 
 def format_json(value: Any, pretty: bool) -> str:
