@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 from . import call, shortcuts
+from .redact import SECRET_ARGUMENTS
 from .client import AgentClient, AgentError, ClientError, ClientTimeout
 
 PROMPT = "qga> "
@@ -184,12 +185,33 @@ def _setup_readline(shell: Shell):
     return readline
 
 
+def command_name(line: str) -> str | None:
+    """The command a line runs, as far as it can be told."""
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            name = json.loads(line).get("execute")
+        except (ValueError, AttributeError):
+            return None
+        return name if isinstance(name, str) else None
+    words = line.split(None, 1)
+    return words[0] if words else None
+
+
+def secret(line: str) -> bool:
+    """Lines that may hold a password, file data, keys or a process's
+    input stay out of the history file, as they stay out of logs."""
+    name = command_name(line)
+    return name is None and "execute" in line or name in SECRET_ARGUMENTS
+
+
 def _save_history(readline) -> None:
     path = history_path()
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         readline.set_history_length(HISTORY_LENGTH)
         readline.write_history_file(path)
+        os.chmod(path, 0o600)
     except OSError as exc:
         print("qgaproxy: cannot save the history to %s: %s" % (path, exc), file=sys.stderr)
 
@@ -239,6 +261,8 @@ def _interactive(shell: Shell, path: str) -> int:
             except KeyboardInterrupt:
                 print()
                 continue
+            if readline is not None and secret(line):
+                readline.remove_history_item(readline.get_current_history_length() - 1)
             if not shell.handle(line):
                 return call.EXIT_OK
     finally:

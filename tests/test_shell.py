@@ -70,14 +70,21 @@ def test_session_on_a_terminal(real_proxy, tmp_path):
         p.send('{"execute": "guest-ping", "id": "mine"}\r')  # a raw request
         p.expect(r'\{"return":\{\},"id":"mine"\}\n')
         p.expect(PROMPT)
+        # Blocked on the real agent here; its password never reaches the history.
+        p.send("guest-set-user-password username=nobody password=s3cret crypted=false\r")
+        p.expect(r'\{"error":\{"class":"CommandNotFound"')
+        p.expect(PROMPT)
         p.send("guest-get-timezone\r")
         p.expect(r'\{"return":\{.*"offset":')
         p.expect(PROMPT)
         p.send("quit\r")
         assert p.wait() == 0
-    history = (tmp_path / "state" / "qgaproxy" / "history").read_text().splitlines()
+    history_file = tmp_path / "state" / "qgaproxy" / "history"
+    history = history_file.read_text().splitlines()
     assert history[-2:] == ["guest-get-timezone", "quit"], history
     assert "guest-get-host-name" in history
+    assert "s3cret" not in history_file.read_text()
+    assert history_file.stat().st_mode & 0o077 == 0
 
     with PtyProcess(argv, env=env) as p:
         p.expect(PROMPT)
