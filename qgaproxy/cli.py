@@ -47,12 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the proxy on the simulated agent and show clients talking to it")
     demo.add_argument("--listen", default=None, metavar="PATH", help="socket path (default: qgaproxy-demo.sock in the temp dir)")
     demo.add_argument("--exit", action="store_true", help="stop after the demonstration instead of serving on")
+
+    # The operator's client: each registers itself and sets `run`.
+    from . import call, shell
+
+    call.add_parser(sub)
+    shell.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return args.run(args)
     if args.command == "serve":
         try:
             return _serve(args)

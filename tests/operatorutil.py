@@ -1,0 +1,102 @@
+"""Helpers for the tests of the operator's client (`qgaproxy call` and
+`qgaproxy shell`): the client, proxies and simulated agents as real
+processes on real unix sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from test_cli import AGENT_READY_RE, READY_RE, ProxyProcess
+
+STEP = 10.0
+QGAPROXY = [sys.executable, "-m", "qgaproxy"]
+
+
+def client_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "QGAPROXY_SOCKET"}
+    env.update(extra)
+    return env
+
+
+def call(socket_path: str | None, *args: str, env: dict | None = None, timeout: float = STEP,
+         stdin=subprocess.DEVNULL, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """`qgaproxy call [--socket PATH] ARGS...`, stdout and stderr as bytes."""
+    argv = QGAPROXY + ["call"] + (["--socket", socket_path] if socket_path else []) + list(args)
+    return subprocess.run(
+        argv,
+        env=env or client_env(),
+        stdin=None if input is not None else stdin,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def short_tmpdir() -> str:
+    """A directory for sockets (pytest's tmp_path can be too long for one)."""
+    return tempfile.mkdtemp(prefix="qgaop-")
+
+
+def wait_connectable(path: str, proc: subprocess.Popen, timeout: float = STEP) -> None:
+    """Until a unix socket accepts a connection (the simulated agent only:
+    it minds no probe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError("%s exited with %s" % (proc.args, proc.returncode))
+        with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not accepting connections after %gs" % (path, timeout))
+        time.sleep(0.02)  # poll interval while waiting for the socket
+
+
+@contextlib.contextmanager
+def sim_agent(*options: str):
+    """`python -m qgaproxy.sim` as a raw agent socket: yields its path."""
+    tmp = short_tmpdir()
+    path = os.path.join(tmp, "sim.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qgaproxy.sim", "--listen", path] + list(options),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_connectable(path, proc)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(STEP)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.rmdir(tmp)
+
+
+@contextlib.contextmanager
+def proxy(upstream: str):
+    """`qgaproxy serve` in front of `upstream`, once its agent is ready:
+    yields the listening socket's path."""
+    tmp = short_tmpdir()
+    path = os.path.join(tmp, "proxy.sock")
+    process = ProxyProcess(QGAPROXY + ["serve", "--upstream", upstream, "--listen", path])
+    try:
+        process.wait_line(READY_RE)
+        process.find_line(AGENT_READY_RE)
+        yield path
+    finally:
+        if process.proc.poll() is None:
+            assert process.stop() == 0, process.rest_of_log()
+        process.kill()
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
