@@ -621,7 +621,7 @@ class Router:
         state = self.upstream.state
         why = "no connection to its channel" if state is State.CONNECTING else "it does not answer"
         self.observer.request_done(request.execute, "unavailable", 0.0, 0.0)
-        if self.audit:
+        if self.audit and request.execute not in messages.SYNC_COMMANDS:
             self.observer.audit(client, request, "unavailable", 0.0)
         self._fill(
             client,
