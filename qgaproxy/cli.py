@@ -88,6 +88,8 @@ def _check_config(args) -> int:
     print("%s: OK: %d agent(s)%s" % (args.file, len(cfg.agents), ", directory watch" if cfg.directory else ""))
     for agent in cfg.agents:
         print("  %s: %s -> %s" % (agent.name, agent.upstream, ", ".join(l.path for l in agent.listeners)))
+    if cfg.audit is not None and cfg.audit.mode != "off":
+        print("  audit trail: %s (%s)" % (cfg.audit.path, cfg.audit.mode))
     return 0
 
 
