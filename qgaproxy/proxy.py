@@ -21,7 +21,8 @@ import time
 import attrs
 import trio
 
-from . import transport
+from . import audit, status, transport
+from .audit import AuditConfig
 from .metrics import MetricsRegistry
 from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Budget, Client, Observer, Router
 from .transport import UpstreamAddress
@@ -70,7 +71,7 @@ class ProxyConfig:
     upstream_peer_uids: tuple = ()
     # The audit trail (an audit.AuditConfig) of a proxy that is the whole
     # process; under a Server, the server's shared log is used instead.
-    audit: object = None
+    audit: AuditConfig | None = None
 
     def listener_configs(self) -> tuple:
         if self.listeners:
@@ -247,8 +248,6 @@ class _Fanout(Observer):
             self.log.warning("proxy's own %s failed: %s", command, detail)
 
     def audit(self, client, request, outcome, duration):
-        from . import audit
-
         log = self.proxy.audit_log
         if log is None or not audit.wanted(client, request.execute):
             return
@@ -306,8 +305,6 @@ class Proxy:
         self._own_audit = False
         self.audit_log = None
         if audit_log is None and config.audit is not None:
-            from . import audit
-
             audit_log = audit.open_log(config.audit)
             self._own_audit = audit_log is not None
         self.set_audit(audit_log)
@@ -334,8 +331,6 @@ class Proxy:
         self.router.audit = audit_log is not None
 
     def _status(self, now: float) -> dict:
-        from . import status
-
         listeners = [listener.label for listener in self.config.listener_configs()]
         return status.build(self.router, name=self.config.name, listeners=listeners, now=now, wall=time.time())
 

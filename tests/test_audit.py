@@ -328,3 +328,36 @@ def test_configuration_and_flags(tmp_path):
     with pytest.raises(cli._UsageError, match="needs --audit"):
         cli.build_config(parser.parse_args(base + ["--audit-mode", "full"]))
     assert cli.build_config(parser.parse_args(base)).audit is None
+
+
+async def test_two_agents_one_trail_status_by_name_and_reload(tmp_path):
+    from qgaproxy.server import Server
+    from test_observability import http
+
+    def toml(audit: str) -> str:
+        text = '[metrics]\nlisten = "127.0.0.1:0"\n' + audit
+        for name in ("vm1", "vm2"):
+            text += '[[agent]]\nname = "%s"\nupstream = "sim"\n[[agent.listener]]\npath = "%s"\n' % (
+                name,
+                tmp_path / (name + ".sock"),
+            )
+        return text
+
+    log_path = tmp_path / "audit.log"
+    server = Server(configmod.parse(configmod.tomllib.loads(toml(""))))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with trio.fail_after(STEP):
+            for name in ("vm1", "vm2"):
+                await server.agents[name].proxy.wait_state(State.READY)
+            assert all(not r.proxy.router.audit for r in server.agents.values())
+            port = server.metrics_listeners[0].socket.getsockname()[1]
+            code, _, body = await http(port, "/status")
+            assert code == 200 and set(json.loads(body)["agents"]) == {"vm1", "vm2"}
+            # Reload with an [audit] section: the running agents start recording.
+            await server.apply(configmod.parse(configmod.tomllib.loads(toml('[audit]\npath = "%s"\n' % log_path))))
+            for name in ("vm1", "vm2"):
+                async with await Client.connect(str(tmp_path / (name + ".sock"))) as c:
+                    assert await c.call("guest-ping") == {"return": {}}
+        nursery.cancel_scope.cancel()
+    assert [(r["agent"], r["command"]) for r in records(log_path)] == [("vm1", "guest-ping"), ("vm2", "guest-ping")]
