@@ -40,9 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--guest-metrics", type=float, metavar="SECONDS", help="poll the guest every SECONDS for guest metrics (default: off)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["plain", "json"])
+    serve.add_argument("--audit", metavar="PATH|stderr", help="write the audit trail (JSON lines) to PATH or stderr")
+    serve.add_argument(
+        "--audit-mode",
+        choices=["off", "commands", "full"],
+        help="what the audit trail records: commands (no arguments) or full (redacted arguments; the default with --audit)",
+    )
 
     check = sub.add_parser("check-config", help="validate a configuration file and report every problem")
     check.add_argument("file")
+
+    _add_status_parser(sub)
 
     demo = sub.add_parser("demo", help="run the proxy on the simulated agent and show clients talking to it")
     demo.add_argument("--listen", default=None, metavar="PATH", help="socket path (default: qgaproxy-demo.sock in the temp dir)")
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "check-config":
         return _check_config(args)
+    if args.command == "status":
+        return _status(args)
     return 2
 
 
@@ -86,6 +96,8 @@ def _check_config(args) -> int:
     print("%s: OK: %d agent(s)%s" % (args.file, len(cfg.agents), ", directory watch" if cfg.directory else ""))
     for agent in cfg.agents:
         print("  %s: %s -> %s" % (agent.name, agent.upstream, ", ".join(l.path for l in agent.listeners)))
+    if cfg.audit is not None and cfg.audit.mode != "off":
+        print("  audit trail: %s (%s)" % (cfg.audit.path, cfg.audit.mode))
     return 0
 
 
@@ -146,7 +158,24 @@ def build_config(args):
         changes["log_level"] = args.log_level
     if args.log_format:
         changes["log_format"] = args.log_format
+    if args.audit is not None or args.audit_mode is not None:
+        changes["audit"] = _audit_override(cfg.audit, args.audit, args.audit_mode)
     return attrs.evolve(cfg, **changes)
+
+
+def _audit_override(current, path, mode):
+    import attrs
+
+    from .audit import AuditConfig
+
+    audit = current or AuditConfig()
+    if path is not None:
+        audit = attrs.evolve(audit, path=path, mode=mode or (audit.mode if current and current.mode != "off" else "full"))
+    elif mode is not None:
+        if mode != "off" and current is None:
+            raise _UsageError("--audit-mode %s needs --audit PATH|stderr (or [audit] path in the file)" % mode)
+        audit = attrs.evolve(audit, mode=mode)
+    return audit
 
 
 def _serve(args) -> int:
@@ -272,3 +301,135 @@ def _demo(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- qgaproxy status ---------------------------------------------------------------
+
+
+def _add_status_parser(sub) -> None:
+    status = sub.add_parser(
+        "status",
+        help="show a running proxy's live status: agent state, clients, requests in flight, freeze",
+    )
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH", help="ask on a listener socket (its policy must allow qgaproxy-status)")
+    where.add_argument("--metrics", metavar="HOST:PORT", help="ask the metrics server (GET /status: every agent)")
+    status.add_argument("--agent", metavar="NAME", help="with --metrics: only this agent")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+    status.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after (default 5)")
+
+
+class _StatusError(Exception):
+    pass
+
+
+def _status(args) -> int:
+    import json
+
+    from . import status
+
+    try:
+        if args.socket:
+            one = _status_from_socket(args.socket, args.timeout)
+            statuses = {one.get("agent", "default"): one}
+        else:
+            statuses = _status_from_http(args.metrics, args.agent, args.timeout)
+    except _StatusError as exc:
+        print("qgaproxy status: %s" % exc, file=sys.stderr)
+        return 1
+    if args.json:
+        if args.socket:
+            print(json.dumps(next(iter(statuses.values())), indent=2, sort_keys=True))
+        else:
+            print(json.dumps({"agents": statuses}, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(status.render(statuses))
+    return 0
+
+
+def _status_from_socket(path: str, timeout: float) -> dict:
+    """Send qgaproxy-status on a listener socket; on a qmp listener,
+    negotiate first."""
+    import json
+    import socket
+    import time
+
+    from .negotiation import EXPECTING
+    from .router import STATUS_COMMAND
+
+    deadline = time.monotonic() + timeout
+    request = json.dumps({"execute": STATUS_COMMAND, "id": "qgaproxy-status"}).encode() + b"\n"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise _StatusError("%s: %s" % (path, exc.strerror or exc)) from None
+        sock.sendall(request)
+        buf = b""
+        negotiated = False
+        while True:
+            while b"\n" not in buf:
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    chunk = sock.recv(1 << 20)
+                except socket.timeout:
+                    raise _StatusError("%s: no answer within %gs" % (path, timeout)) from None
+                except OSError as exc:
+                    raise _StatusError("%s: %s" % (path, exc.strerror or exc)) from None
+                if not chunk:
+                    raise _StatusError("%s: connection closed without an answer" % path)
+                buf += chunk
+            line, _, buf = buf.partition(b"\n")
+            try:
+                reply = json.loads(line.lstrip(b"\xff"))
+            except ValueError:
+                raise _StatusError("%s: not a JSON reply: %r" % (path, line[:200])) from None
+            if not isinstance(reply, dict) or "QMP" in reply or "event" in reply:
+                continue  # a qmp listener's greeting, or an event
+            if reply.get("id") == "qgaproxy-caps":
+                continue
+            error = reply.get("error")
+            if isinstance(error, dict):
+                if error.get("desc") == EXPECTING and not negotiated:
+                    negotiated = True
+                    sock.sendall(
+                        json.dumps({"execute": "qmp_capabilities", "id": "qgaproxy-caps"}).encode() + b"\n" + request
+                    )
+                    continue
+                raise _StatusError("%s: %s" % (error.get("class", "error"), error.get("desc", "")))
+            value = reply.get("return")
+            if not isinstance(value, dict):
+                raise _StatusError("%s: unexpected reply %r" % (path, reply))
+            return value
+    finally:
+        sock.close()
+
+
+def _status_from_http(where: str, agent: str | None, timeout: float) -> dict:
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    try:
+        host, port = parse_host_port(where)
+    except ValueError as exc:
+        raise _StatusError(str(exc)) from None
+    if ":" in host:
+        host = "[%s]" % host
+    url = "http://%s:%d/status" % (host, port)
+    if agent:
+        url += "?agent=" + urllib.parse.quote(agent)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise _StatusError("%s: HTTP %d %s" % (url, exc.code, exc.read().decode("utf-8", "replace").strip())) from None
+    except (OSError, ValueError) as exc:
+        raise _StatusError("%s: %s" % (url, exc)) from None
+    statuses = body.get("agents") if isinstance(body, dict) else None
+    if not isinstance(statuses, dict):
+        raise _StatusError("%s: unexpected answer" % url)
+    return statuses

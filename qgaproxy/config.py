@@ -15,6 +15,7 @@ Shape::
       [[agent.listener]]  path, mode, owner, group
       [agent.command_timeouts]
     [directory]       watch a directory of agent sockets (optional)
+    [audit]           mode, path, max_bytes, backups (see audit.py)
 
 Problems are reported as ``key.path: what is wrong``, all at once.
 """
@@ -31,6 +32,8 @@ from typing import Any, Callable
 import attrs
 
 from . import codec
+from .audit import MODES as AUDIT_MODES
+from .audit import AuditConfig
 from .transport import AddressError, UpstreamAddress
 
 # Per-command deadlines that fit the commands: a freeze waits for every
@@ -131,6 +134,7 @@ class Config:
     # messages, queued requests, unwritten replies); past it, the client
     # that would cross it is refused. 1 GiB: sixteen 64 MiB messages.
     max_buffered_bytes: int = 1 << 30
+    audit: AuditConfig | None = None  # None: no audit trail
 
     def agent(self, name: str) -> AgentConfig | None:
         for agent in self.agents:
@@ -429,10 +433,46 @@ def _directory(checker: _Checker, value: Any, path: str) -> DirectoryConfig | No
     return DirectoryConfig(watch, **fields)
 
 
+def _audit(checker: _Checker, value: Any, path: str) -> AuditConfig | None:
+    table = checker.table(value, path, {"mode", "path", "max_bytes", "backups"})
+    fields: dict[str, Any] = {}
+    mode = checker.typed(table, "mode", path, (str,))
+    if mode is not None:
+        if mode not in AUDIT_MODES:
+            checker.problem(_join(path, "mode"), "must be %s, got %r" % (", ".join(AUDIT_MODES), mode))
+        else:
+            fields["mode"] = mode
+    where = checker.typed(table, "path", path, (str,))
+    if where is not None:
+        if not where:
+            checker.problem(_join(path, "path"), "must be a file path or \"stderr\"")
+        elif where != "stderr":
+            directory = os.path.dirname(os.path.abspath(where))
+            if not os.path.isdir(directory):
+                checker.problem(_join(path, "path"), "directory %s does not exist" % directory)
+            elif os.path.isdir(where):
+                checker.problem(_join(path, "path"), "%s is a directory; name the file" % where)
+        fields["path"] = where
+    elif fields.get("mode", "off") != "off":
+        checker.problem(_join(path, "path"), "is required when mode is not off (a file, or \"stderr\")")
+    if "path" in fields and "mode" not in table:
+        fields["mode"] = "full"  # a path alone means: record, with redacted arguments
+    max_bytes = checker.typed(table, "max_bytes", path, (int,), _at_least(0))
+    if max_bytes is not None:
+        if 0 < max_bytes < 4096:
+            checker.problem(_join(path, "max_bytes"), "must be 0 (never rotate) or at least 4096")
+        else:
+            fields["max_bytes"] = max_bytes
+    backups = checker.typed(table, "backups", path, (int,), _at_least(1))
+    if backups is not None:
+        fields["backups"] = backups
+    return AuditConfig(**fields)
+
+
 def parse(data: dict) -> Config:
     """Validate a decoded TOML document; raise ConfigError with every problem."""
     checker = _Checker()
-    top = checker.table(data, "", {"log", "metrics", "defaults", "agent", "directory", "limits"})
+    top = checker.table(data, "", {"log", "metrics", "defaults", "agent", "directory", "limits", "audit"})
     max_buffered = 1 << 30
     if "limits" in top:
         limits = checker.table(top["limits"], "limits", {"max_buffered_bytes"})
@@ -484,9 +524,10 @@ def parse(data: dict) -> Config:
     if not raw_agents and "directory" not in top:
         checker.problem("agent", "no agents: add an [[agent]] (or a [directory] to watch)")
     _check_unique(checker, agents)
+    audit = _audit(checker, top["audit"], "audit") if "audit" in top else None
     if checker.problems:
         raise ConfigError(checker.problems)
-    return Config(tuple(agents), log_level, log_format, metrics, directory, defaults, max_buffered)
+    return Config(tuple(agents), log_level, log_format, metrics, directory, defaults, max_buffered, audit)
 
 
 def _check_unique(checker: _Checker, agents: list[AgentConfig]) -> None:

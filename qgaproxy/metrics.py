@@ -5,7 +5,8 @@ unit suffixes, and labels only from small fixed sets: the command label
 is a command the agent lists in guest-info, or "other"; malformed input
 is "invalid". Never client ids, pids or paths.
 
-The HTTP server is deliberately tiny (GET /metrics, bounded request
+The HTTP server is deliberately tiny (GET /metrics, /healthz, /readyz,
+/status (status.py: client pids, so loopback matters), bounded request
 size, short deadlines): it runs in the proxy's own trio loop and binds
 to loopback unless told otherwise.
 """
@@ -98,6 +99,8 @@ class MetricsRegistry:
         r.register(self.guest)
         # name -> state, for /healthz; set by whoever runs the agents
         self.health: Callable[[], dict] = lambda: {}
+        # name -> status.build() of the agent, for /status
+        self.status: Callable[[], dict] = lambda: {}
         self.serving = False  # /readyz: every listener of the process is up
         self.memory_refusals = Counter(
             "qgaproxy_memory_limit_refusals", "Clients refused for the total buffer limit", ["agent"], registry=r
@@ -287,6 +290,9 @@ async def _handle_http(metrics: MetricsRegistry, stream: trio.SocketStream) -> N
             if path in (b"/healthz", b"/readyz"):
                 status, body = _health(metrics, path, query)
                 await _respond(stream, status, body, b"application/json", head=line[0] == b"HEAD")
+            elif path == b"/status":
+                status, body = _status(metrics, query)
+                await _respond(stream, status, body, b"application/json", head=line[0] == b"HEAD")
             elif path == b"/metrics":
                 body = metrics.exposition()
                 await _respond(stream, 200, body, prometheus_client.CONTENT_TYPE_LATEST.encode(), head=line[0] == b"HEAD")
@@ -314,6 +320,20 @@ def _health(metrics: MetricsRegistry, path: bytes, query: bytes) -> tuple[int, b
     ok = bool(states) and all(state == "ready" for state in states.values())
     body = {"status": "ok" if ok else "unavailable", "agents": states}
     return (200 if ok else 503), json.dumps(body, sort_keys=True).encode() + b"\n"
+
+
+def _status(metrics: MetricsRegistry, query: bytes) -> tuple[int, bytes]:
+    """{"agents": {name: status}} (status.py), or one agent's with ?agent=NAME."""
+    import json
+    from urllib.parse import parse_qs
+
+    statuses = metrics.status()
+    wanted = parse_qs(query.decode("ascii", "replace")).get("agent")
+    if wanted:
+        if wanted[0] not in statuses:
+            return 404, json.dumps({"status": "unknown agent", "agent": wanted[0]}).encode() + b"\n"
+        statuses = {wanted[0]: statuses[wanted[0]]}
+    return 200, json.dumps({"agents": statuses}, sort_keys=True).encode() + b"\n"
 
 
 async def _respond(stream, status: int, body: bytes, ctype: bytes = b"text/plain; charset=utf-8", head=False):

@@ -16,11 +16,13 @@ import logging
 import math
 import os
 import signal
+import time
 
 import attrs
 import trio
 
-from . import transport
+from . import audit, status, transport
+from .audit import AuditConfig
 from .metrics import MetricsRegistry
 from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Budget, Client, Observer, Router
 from .transport import UpstreamAddress
@@ -67,6 +69,9 @@ class ProxyConfig:
     # unix-listen: who may connect as the channel (QEMU's uid); empty: any
     # peer the socket's mode (0660) lets in.
     upstream_peer_uids: tuple = ()
+    # The audit trail (an audit.AuditConfig) of a proxy that is the whole
+    # process; under a Server, the server's shared log is used instead.
+    audit: AuditConfig | None = None
 
     def listener_configs(self) -> tuple:
         if self.listeners:
@@ -270,6 +275,23 @@ class _Fanout(Observer):
         else:
             self.log.warning("proxy's own %s failed: %s", command, detail)
 
+    def audit(self, client, request, outcome, duration):
+        log = self.proxy.audit_log
+        if log is None or not audit.wanted(client, request.execute):
+            return
+        log.write(
+            audit.record(
+                wall=time.time(),
+                agent=self.proxy.config.name,
+                client=client,
+                command=request.execute,
+                arguments=request.arguments,
+                outcome=outcome,
+                duration=duration,
+                full=log.full,
+            )
+        )
+
     def memory_limit(self, client, total):
         self.log.warning("closing client %d: the total buffer limit (%d bytes) is reached", client.number, total)
         self.proxy.metrics.memory_limit(client, total)
@@ -283,7 +305,10 @@ class Proxy:
         sim_agent=None,
         metrics_registry: MetricsRegistry | None = None,
         budget: Budget | None = None,
+        audit_log=None,
     ):
+        """audit_log: an audit.AuditLog shared by the process (a Server's);
+        without one, config.audit opens one of this proxy's own."""
         self.config = config
         self.log = _AgentLog(log, config.name)
         self.upstream = Upstream(
@@ -304,6 +329,13 @@ class Proxy:
         )
         self._open_clients: dict[str, int] = {}
         self.router.trace = log.isEnabledFor(logging.DEBUG)
+        self.router.status = self._status
+        self._own_audit = False
+        self.audit_log = None
+        if audit_log is None and config.audit is not None:
+            audit_log = audit.open_log(config.audit)
+            self._own_audit = audit_log is not None
+        self.set_audit(audit_log)
         self.metrics.watch_router(self.router)
         self._sim_agent = sim_agent
         self._sessions: dict[Client, Session] = {}
@@ -324,6 +356,20 @@ class Proxy:
         self._draining = False
         self._state_changed = Signal()
         self._drained = Signal()
+
+    def set_audit(self, audit_log) -> None:
+        """Where audit records go from now on (None: nowhere, and the
+        router does no work for them)."""
+        self.audit_log = audit_log
+        self.router.audit = audit_log is not None
+
+    def _status(self, now: float) -> dict:
+        listeners = [listener.label for listener in self.config.listener_configs()]
+        return status.build(self.router, name=self.config.name, listeners=listeners, now=now, wall=time.time())
+
+    def status(self) -> dict:
+        """This agent's live status (status.build), now."""
+        return self._status(trio.current_time())
 
     # -- the one place that turns router changes into wake-ups -----------------
     def _after(self) -> None:
@@ -389,6 +435,14 @@ class Proxy:
                     nursery.cancel_scope.cancel()
         finally:
             self.remove_socket_files()
+            self.close_audit()
+
+    def close_audit(self) -> None:
+        """Close the audit log if this proxy opened it."""
+        if self._own_audit and self.audit_log is not None:
+            self.audit_log.close()
+        if self._own_audit:
+            self.set_audit(None)
 
     async def start_serving(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -396,6 +450,7 @@ class Proxy:
         if config.metrics is not None:
             # Standalone (not under a Server): this proxy is the whole process.
             self.metrics_registry.health = lambda: {config.name: self.upstream.state.value}
+            self.metrics_registry.status = lambda: {config.name: self.status()}
             self.metrics_listeners = await nursery.start(
                 _serve_metrics, self.metrics_registry, config.metrics[0], config.metrics[1]
             )
@@ -638,7 +693,7 @@ class Proxy:
     async def _serve_client(self, stream: trio.SocketStream, listener: str, policy=None, protocol: str = "qga") -> None:
         from .policy import OPEN
 
-        peer = transport.peer_credentials(stream)
+        peer = transport.peer(stream)
         client = self.router.add_client(listener, peer, policy or OPEN, protocol)
         session = Session(client, stream, listener, peer, fd=_fileno(stream))
         self._sessions[client] = session

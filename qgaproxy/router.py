@@ -57,6 +57,10 @@ DEFAULT_WINDOW = 32
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
 
+# The proxy's own status command (status.py): agent commands are all
+# guest-*, so it cannot collide with one. Subject to listener policy.
+STATUS_COMMAND = "qgaproxy-status"
+
 
 class Observer:
     """Hooks for metrics and logs; every method is optional."""
@@ -95,6 +99,14 @@ class Observer:
         pass
 
     def frozen(self, frozen: bool, owner: "Client | None") -> None:
+        pass
+
+    # The audit trail (only called when Router.audit is on): a client's
+    # request reached its outcome ("ok", the agent's error class,
+    # "timeout", "unavailable", "denied"), duration seconds after it
+    # arrived. client.internal: the proxy's own call (a thaw, closing a
+    # handle a departed client left).
+    def audit(self, client: "Client", request: Request, outcome: str, duration: float) -> None:
         pass
 
     # Debug traces (only called when tracing is on: see Router.trace).
@@ -243,7 +255,12 @@ class Router:
         self._seq = 0
         self._dirty: set[Client] = set()
         self.stale_replies = 0
-        self.resyncs = 0
+        self.resyncs = 0  # resyncs the router asked for (timeouts, no-reply commands)
+        self.timeouts = 0  # client requests that timed out
+        self.state_since_wall = wall_clock()  # when the upstream state last changed
+        # Answers STATUS_COMMAND (see status.py); None: the command is unknown.
+        self.status: Callable[[float], dict] | None = None
+        self.audit = False  # call observer.audit (nothing is done for it when off)
         self.ownership = Ownership()
         self.freeze = FreezeGuard(freeze_max)
         self.budget = budget or Budget()
@@ -263,6 +280,13 @@ class Router:
 
     def queued(self) -> int:
         return sum(len(c.queue) for c in self.clients)
+
+    def outstanding(self) -> list[Call]:
+        """Every request not answered yet, queued or in flight (for status)."""
+        calls = [call for client in self.clients for call in client.queue]
+        calls += self._pending.values()
+        calls += self._in_order
+        return [call for call in calls if not call.done]
 
     def next_deadline(self) -> float | None:
         while self._deadlines and self._deadlines[0][2].done:
@@ -510,6 +534,8 @@ class Router:
         if not client.policy.allows(command):
             self.observer.denied(client, command)
             self.observer.request_done(command, "denied", 0.0, 0.0)
+            if self.audit:
+                self.observer.audit(client, request, "denied", 0.0)
             self._fill(
                 client,
                 slot,
@@ -517,12 +543,19 @@ class Router:
                 command,
             )
             return
+        if command == STATUS_COMMAND and self.status is not None:
+            # The proxy's own, answered without the agent (also while it is away).
+            self.observer.request_done(command, "ok", 0.0, 0.0)
+            self._fill(client, slot, messages.return_reply(self.status(now), request.has_id, request.id), command)
+            return
         if not self.upstream.accepts_requests():
             self._fail_fast(client, slot, request)
             return
         local = self._answer_locally(client, request)
         if local is not None:
             self.observer.request_done(command, "error", 0.0, 0.0)
+            if self.audit:
+                self.observer.audit(client, request, _error_class(local), 0.0)
             self._fill(client, slot, local, command)
             return
         self._enqueue(client, slot, request, now)
@@ -588,6 +621,8 @@ class Router:
         state = self.upstream.state
         why = "no connection to its channel" if state is State.CONNECTING else "it does not answer"
         self.observer.request_done(request.execute, "unavailable", 0.0, 0.0)
+        if self.audit and request.execute not in messages.SYNC_COMMANDS:
+            self.observer.audit(client, request, "unavailable", 0.0)
         self._fill(
             client,
             slot,
@@ -622,6 +657,8 @@ class Router:
                 # connection ends. Proxmox takes that end-of-file as success.
                 self._close_after(call.client, call.slot)
                 self.observer.request_done(call.request.execute, "ok", now - call.received, 0.0)
+                if self.audit:
+                    self.observer.audit(call.client, call.request, "ok", now - call.received)
                 continue
             self._complete_error(call, _not_available("connection to its channel lost"), "unavailable", now)
         for client in list(self.clients):
@@ -633,6 +670,7 @@ class Router:
         # and pids are not the old ones.
         self.ownership.reset()
         if old is not State.CONNECTING:
+            self.state_since_wall = self.wall_clock()
             self.observer.state_changed(old, State.CONNECTING, "connection lost")
 
     def _close_after(self, client: Client, slot: Slot) -> None:
@@ -704,6 +742,7 @@ class Router:
                     call.no_reply = True
                     client.no_reply_generation = self.upstream.generation
                     self._resync(now, "no-reply command", sentinel=False)
+                    self.resyncs += 1
                     self.observer.resync("no-reply command")
                     parts.append(self.upstream.take_outbox())
                     break
@@ -762,6 +801,11 @@ class Router:
         if call.on_reply is not None:
             call.on_reply(value)
             return
+        if self.audit:
+            error = value.get("error")
+            self.observer.audit(
+                call.client, request, "ok" if error is None else _class_of(error), now - call.received
+            )
         if call.client.internal:
             error = value.get("error")
             self.observer.internal_result(
@@ -784,6 +828,9 @@ class Router:
         request = call.request
         if call.on_reply is not None:
             call.on_reply({"error": {"class": messages.GENERIC_ERROR, "desc": desc}})
+            return  # an exporter poll: not audited, not a client's
+        if self.audit:
+            self.observer.audit(call.client, request, outcome, now - call.received)
         if call.client.internal:
             return  # the proxy's own request: not a client's, not counted as one
         self.observer.request_done(request.execute, outcome, now - call.received, 0.0)
@@ -837,6 +884,7 @@ class Router:
 
     def _on_state_change(self, old: State, now: float) -> None:
         new = self.upstream.state
+        self.state_since_wall = self.wall_clock()
         reason = self.upstream.resync_reason or self.upstream.last_resync_reason
         self.observer.state_changed(old, new, self.upstream.resync_reason)
         if new is State.READY:
@@ -881,6 +929,8 @@ class Router:
             except ValueError:
                 pass
         self.observer.request_done(call.request.execute, "ok", now - (call.sent or now), 0.0)
+        if self.audit:
+            self.observer.audit(call.client, call.request, "ok", now - call.received)
         self._fill(call.client, call.slot, b"")
 
     # -- time ----------------------------------------------------------------------
@@ -918,6 +968,7 @@ class Router:
                     self._in_order.clear()
                 resync = True
             if not call.client.internal:
+                self.timeouts += 1
                 self.observer.timeout(call.request.execute, call.timeout, call.client)
             self._complete_error(
                 call,
@@ -929,6 +980,19 @@ class Router:
             self.resyncs += 1
             self.observer.resync("timeout")
             self._resync(now, "timeout")
+
+
+def _class_of(error: Any) -> str:
+    cls = error.get("class") if isinstance(error, dict) else None
+    return cls if isinstance(cls, str) and cls else "error"
+
+
+def _error_class(reply: bytes) -> str:
+    """The error class of a reply the proxy made (for the audit trail)."""
+    try:
+        return _class_of(json.loads(reply).get("error"))
+    except (ValueError, AttributeError):
+        return "error"
 
 
 def _local_sync_reply(request: Request) -> bytes | None:

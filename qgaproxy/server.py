@@ -21,6 +21,7 @@ from typing import Callable
 import attrs
 import trio
 
+from . import audit
 from . import config as configmod
 from .config import AgentConfig, Config, ConfigError, ListenerConfig
 from .metrics import MetricsRegistry, serve_metrics
@@ -68,6 +69,9 @@ class Server:
         self.metrics = MetricsRegistry()
         self.budget = Budget(config.max_buffered_bytes)
         self.metrics.health = lambda: {n: r.proxy.upstream.state.value for n, r in self.agents.items()}
+        self.metrics.status = lambda: {n: r.proxy.status() for n, r in self.agents.items()}
+        # One audit trail for every agent of the process (records name the agent).
+        self.audit_log = audit.open_log(config.audit)
         self.agents: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
         self._metrics_scope: trio.CancelScope | None = None
@@ -97,6 +101,8 @@ class Server:
                     break
                 _notify("stopping")
                 await self.stop_all()
+                if self.audit_log is not None:
+                    self.audit_log.close()
                 nursery.cancel_scope.cancel()
 
     def _announce_ready(self) -> None:
@@ -123,6 +129,7 @@ class Server:
             sim_agent=self._sim_agents.get(agent.name),
             metrics_registry=self.metrics,
             budget=self.budget,
+            audit_log=self.audit_log,
         )
         scope = trio.CancelScope()
         done = trio.Event()
@@ -176,6 +183,8 @@ class Server:
         old = self.config
         logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
         self.budget.limit = new.max_buffered_bytes
+        if new.audit != old.audit:
+            self._reopen_audit(new.audit)
         if new.metrics != old.metrics:
             if self._metrics_scope is not None:
                 self._metrics_scope.cancel()
@@ -207,6 +216,19 @@ class Server:
         )
         self.changed.set()
         self.changed = trio.Event()
+
+    def _reopen_audit(self, config) -> None:
+        try:
+            fresh = audit.open_log(config)
+        except OSError as exc:
+            log.error("audit trail %s cannot be opened, the old one stays: %s", config.path, exc)
+            return
+        old, self.audit_log = self.audit_log, fresh
+        for running in self.agents.values():
+            running.proxy.set_audit(fresh)
+        if old is not None:
+            old.close()
+        log.info("audit trail: %s", "off" if fresh is None else "%s (%s)" % (config.path, config.mode))
 
     # -- directory mode -----------------------------------------------------------------
     async def _watch_directory(self) -> None:

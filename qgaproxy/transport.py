@@ -21,6 +21,8 @@ import stat
 import termios
 import tty
 
+from typing import NamedTuple
+
 import attrs
 import trio
 
@@ -172,6 +174,40 @@ def peer_credentials(stream) -> tuple[int, int, int] | None:
     import struct
 
     return struct.unpack("3i", raw)
+
+
+class Peer(NamedTuple):
+    """Who is at the other end of a client connection, as of accept."""
+
+    pid: int
+    uid: int
+    gid: int
+    exe: str | None  # the executable's base name, best effort
+
+
+def peer(stream) -> Peer | None:
+    """SO_PEERCRED and the peer's executable name."""
+    creds = peer_credentials(stream)
+    if creds is None:
+        return None
+    return Peer(creds[0], creds[1], creds[2], peer_executable(creds[0]))
+
+
+def peer_executable(pid: int) -> str | None:
+    """The base name of /proc/PID/exe; when that link may not be read (a
+    process of another user, without CAP_SYS_PTRACE), /proc/PID/comm,
+    which anyone may read; None if the process is already gone."""
+    if pid <= 0:
+        return None
+    try:
+        return os.path.basename(os.readlink("/proc/%d/exe" % pid))
+    except OSError:
+        pass
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def peer_groups(pid: int, gid: int) -> frozenset:
