@@ -14,20 +14,20 @@ import sys
 import trio
 
 
-async def pump(source, sink):
+async def pump(source, sink, done):
     try:
         while data := await source.receive_some(65536):
             await sink.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    done.cancel()  # either side ending ends both
 
 
 async def relay(client, upstream_path):
     async with client, await trio.open_unix_socket(upstream_path) as agent:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, agent)
-            await pump(agent, client)
-            nursery.cancel_scope.cancel()
+            nursery.start_soon(pump, client, agent, nursery.cancel_scope)
+            nursery.start_soon(pump, agent, client, nursery.cancel_scope)
 
 
 async def main(upstream_path, listen_path):

@@ -24,6 +24,7 @@ Neither decoder may block, buffer without bound, or import trio.
 
 from __future__ import annotations
 
+import json
 import re
 
 import attrs
@@ -109,6 +110,62 @@ _FAST_TOKEN = re.compile(
 )
 
 
+# The fast path (see RequestDecoder._feed_plain): chunks of plain ASCII
+# JSON objects, the bytes nearly every client sends, go through Python's C
+# scanner when its result is provably what the agent's parser would make.
+# No backslash, quote or byte outside printable ASCII (and tab, CR, LF):
+# no escapes, no single-quoted strings, no 0xFF, no control characters.
+_PLAIN_CHUNK = re.compile(rb"[\t\n\r\x20-\x26\x28-\x5b\x5d-\x7e]*")
+_PLAIN_CHUNK_MAX = 64 * 1024
+# Deep nesting is the lexer's (its limit, and the C scanner recurses).
+_PLAIN_CONTAINERS_MAX = 64
+# Integers both parsers read the same way (QEMU turns larger ones into
+# uint64 or double).
+_EXACT_INT = 1 << 53
+
+
+class _NotPlain(Exception):
+    """The fast path declines; the byte-exact lexer takes over."""
+
+
+def _plain_pairs(pairs):
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _NotPlain  # duplicate key: the lexer reports it
+    return value
+
+
+def _plain_int(text):
+    value = int(text)
+    if -_EXACT_INT < value < _EXACT_INT:
+        return value
+    raise _NotPlain
+
+
+def _not_plain(text):
+    raise _NotPlain  # floats (%.17g round trips), NaN, Infinity
+
+
+_plain_decode = json.JSONDecoder(
+    object_pairs_hook=_plain_pairs, parse_int=_plain_int, parse_float=_not_plain, parse_constant=_not_plain
+).raw_decode
+_WS_SKIP = re.compile(rb"[ \t\r\n]*")
+_WS_ANY = re.compile(rb"[ \t\r\n]")
+_STRING_OR_WS = re.compile(rb'"[^"]*"|[ \t\r\n]+')
+
+
+def _token_bytes(data: bytes, start: int, end: int) -> int:
+    """The size the lexer counts for a plain object: its bytes less the
+    whitespace between tokens."""
+    if _WS_ANY.search(data, start, end) is None:
+        return end - start
+    between = 0
+    for m in _STRING_OR_WS.finditer(data, start, end):
+        if m.group()[0] != 0x22:  # not a string
+            between += m.end() - m.start()
+    return end - start - between
+
+
 class RequestDecoder:
     """qemu-ga's JSON message parser, byte-compatible, incremental."""
 
@@ -136,7 +193,46 @@ class RequestDecoder:
 
     # -- lexer -----------------------------------------------------------
     def feed(self, data: bytes) -> list:
-        events = self._events = []
+        if (
+            len(data) <= _PLAIN_CHUNK_MAX
+            and len(data) < self.max_size
+            and self._state == _START
+            and not self._tokens
+            and not self._token
+            and _PLAIN_CHUNK.fullmatch(data) is not None
+        ):
+            return self._feed_plain(data)
+        return self._feed(data, [])
+
+    def _feed_plain(self, data: bytes) -> list:
+        """Whole objects at the start of an idle stream, decoded by the C
+        scanner; the first thing it declines, and all after it, goes
+        through the lexer. Equivalent because every object it accepts is
+        one the lexer parses to the same value (plain ASCII strings with no
+        escapes, exact integers, no duplicate keys, at most 64 containers in
+        the chunk, far below the nesting limit), and the lexer is idle after it."""
+        events: list = []
+        text = data.decode("ascii")
+        i = 0
+        n = len(text)
+        if data.count(b"{") + data.count(b"[") > _PLAIN_CONTAINERS_MAX:
+            return self._feed(data, events)
+        while True:
+            i = _WS_SKIP.match(data, i).end()
+            if i == n:
+                return events
+            if text[i] != "{":
+                break
+            try:
+                value, end = _plain_decode(text, i)
+            except (ValueError, _NotPlain, RecursionError):
+                break
+            events.append(Value(value, _token_bytes(data, i, end)))
+            i = end
+        return self._feed(data[i:], events)
+
+    def _feed(self, data: bytes, events: list) -> list:
+        self._events = events
         n = len(data)
         i = 0
         token = self._token

@@ -38,6 +38,7 @@ class MetricsRegistry:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._tallies: list[Tally] = []
         r = self.registry
         self.agent_up = Gauge("qgaproxy_agent_up", "1 when the guest agent is synced and ready", ["agent"], registry=r)
         self.agent_state = Gauge(
@@ -109,8 +110,34 @@ class MetricsRegistry:
     def for_agent(self, name: str, upstream: Upstream) -> "Metrics":
         return Metrics(self, name, upstream)
 
+    def tally(self, counter) -> "Tally":
+        tally = Tally(counter)
+        self._tallies.append(tally)
+        return tally
+
     def exposition(self) -> bytes:
+        for tally in self._tallies:
+            tally.flush()
         return prometheus_client.generate_latest(self.registry)
+
+
+class Tally:
+    """A counter bumped on every message: a plain int until the next
+    scrape (a prometheus counter takes a lock per increment)."""
+
+    __slots__ = ("counter", "pending")
+
+    def __init__(self, counter):
+        self.counter = counter
+        self.pending = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            self.counter.inc(self.pending)
+            self.pending = 0
 
 
 class Metrics(Observer):
@@ -130,10 +157,10 @@ class Metrics(Observer):
         self._durations: dict = {}
         self._listeners: set[str] = set()
         self._waits: dict = {}
-        self.bytes_client_in = f.bytes.labels(name, "client", "in")
-        self.bytes_client_out = f.bytes.labels(name, "client", "out")
-        self.bytes_agent_in = f.bytes.labels(name, "agent", "in")
-        self.bytes_agent_out = f.bytes.labels(name, "agent", "out")
+        self.bytes_client_in = f.tally(f.bytes.labels(name, "client", "in"))
+        self.bytes_client_out = f.tally(f.bytes.labels(name, "client", "out"))
+        self.bytes_agent_in = f.tally(f.bytes.labels(name, "agent", "in"))
+        self.bytes_agent_out = f.tally(f.bytes.labels(name, "agent", "out"))
         self.guest_state = GuestState()
         f.guest.agents[name] = self.guest_state
         self.agent_up.set(0)
@@ -173,6 +200,8 @@ class Metrics(Observer):
         for side in ("client", "agent"):
             for direction in ("in", "out"):
                 _quiet_remove(f.bytes, name, side, direction)
+        mine = {self.bytes_client_in, self.bytes_client_out, self.bytes_agent_in, self.bytes_agent_out}
+        f._tallies[:] = [tally for tally in f._tallies if tally not in mine]
         f.guest.agents.pop(name, None)
 
     def watch_router(self, router) -> None:

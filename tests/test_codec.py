@@ -222,3 +222,75 @@ def test_token_count_limit_at_and_over():
     assert isinstance(ok[0], Value) and len(ok[0].value) == (codec.MAX_TOKEN_COUNT - 2) // 2
     over = events(RequestDecoder(), array(codec.MAX_TOKEN_COUNT + 1))
     assert over[0] == ParseError(codec.COUNT_LIMIT_DESC, oversize=True)
+
+
+# -- the plain fast path ---------------------------------------------------------
+# RequestDecoder.feed() hands plain ASCII chunks to Python's C scanner; its
+# events must be exactly the lexer's, for every chunk it could see.
+
+def _random_plain_value(rng, depth=0):
+    choice = rng.randrange(9 if depth < 4 else 5)
+    if choice == 0:
+        return rng.choice(["true", "false", "null"])
+    if choice == 1:
+        return str(rng.choice([0, -0, 1, -1, 42, 2**53 - 1, 2**53, -(2**53), 2**63, 2**64 + 1, 10**30]))
+    if choice == 2:
+        return rng.choice(["1.5", "-0.0", "1e3", "1E-2", "0.1", "01", "-", "1.", ".5", "NaN", "Infinity"])
+    if choice in (3, 4):
+        return '"%s"' % "".join(rng.choice("ab c{}[]:,0é") for _ in range(rng.randrange(6)))
+    if choice in (5, 6):
+        keys = [rng.choice(["execute", "arguments", "id", "a", "b", ""]) for _ in range(rng.randrange(4))]
+        return "{" + ", ".join('"%s": %s' % (k, _random_plain_value(rng, depth + 1)) for k in keys) + "}"
+    return "[" + ",".join(_random_plain_value(rng, depth + 1) for _ in range(rng.randrange(4))) + "]"
+
+
+def _chunk(rng):
+    parts = []
+    for _ in range(rng.randrange(1, 4)):
+        kind = rng.randrange(10)
+        if kind < 6:
+            parts.append('{"execute": "guest-ping"%s}' % (', "id": %s' % _random_plain_value(rng) if rng.random() < 0.7 else ""))
+        elif kind < 8:
+            parts.append(_random_plain_value(rng))
+        else:
+            parts.append(rng.choice(["}", "]", ":", "{", '{"a":', "tru", "x", "'s'", '"\\u0041"', "\t", "\x01"]))
+        parts.append(rng.choice(["", "\n", " ", "\r\n", "  \t"]))
+    text = "".join(parts)
+    if rng.random() < 0.2:
+        text = text[: rng.randrange(len(text) + 1)]  # a chunk cut anywhere
+    return text.encode("utf-8")
+
+
+def test_plain_fast_path_gives_the_lexers_events():
+    import random
+
+    rng = random.Random(20261122)
+    taken = 0
+    for _ in range(4000):
+        data = _chunk(rng)
+        fast = RequestDecoder()
+        slow = RequestDecoder()
+        got = fast.feed(data)
+        want = slow._feed(data, [])
+        assert got == want, data
+        if codec._PLAIN_CHUNK.fullmatch(data):
+            taken += 1
+        # and the state left behind is the same: the next chunk agrees too
+        tail = b'{"execute": "guest-info"}\n'
+        assert fast.feed(tail) == slow._feed(tail, []), data
+        assert fast.buffered() == slow.buffered()
+    assert taken > 1000  # the fast path was exercised, not just declined
+
+
+def test_plain_fast_path_declines_what_it_cannot_prove():
+    # Each of these goes to the lexer, which gives the agent's own result.
+    for data in [
+        b'{"execute": "x", "execute": "y"}\n',  # duplicate key
+        b'{"execute": "x", "id": 18446744073709551616}\n',  # beyond uint64: a double
+        b'{"execute": "x", "id": 1.5}\n',  # %.17g
+        b'{"execute": "x", "id": NaN}\n',
+        b'{"execute": "\\u0041"}\n',  # an escape
+        b"{'execute': 'x'}\n",  # single quotes
+        b"[" * 100 + b"]" * 100,  # deep
+    ]:
+        assert RequestDecoder().feed(data) == RequestDecoder()._feed(data, []), data
