@@ -1,4 +1,9 @@
-"""The qgaproxy command line."""
+"""The qgaproxy command line.
+
+Only argparse and the standard library at import: the operator's tools
+(call, shell, status) start without trio, prometheus-client or the
+router; each command imports what it serves with.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,7 @@ import argparse
 import logging
 import sys
 
-import trio
-
 from . import __version__
-from .metrics import parse_host_port
-from .transport import AddressError, UpstreamAddress
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -110,6 +111,8 @@ def build_config(args):
     import attrs
 
     from . import config as configmod
+    from .metrics import parse_host_port
+    from .transport import UpstreamAddress
 
     if args.config:
         cfg = configmod.load(args.config)
@@ -179,8 +182,11 @@ def _audit_override(current, path, mode):
 
 
 def _serve(args) -> int:
+    import trio
+
     from . import config as configmod
     from .server import Server
+    from .transport import AddressError
 
     try:
         cfg = build_config(args)
@@ -250,7 +256,10 @@ def _demo(args) -> int:
     import os
     import tempfile
 
+    import trio
+
     from .proxy import Proxy, ProxyConfig
+    from .transport import UpstreamAddress
     from .upstream import State
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
@@ -355,7 +364,7 @@ def _status_from_socket(path: str, timeout: float) -> dict:
     import time
 
     from .negotiation import EXPECTING
-    from .router import STATUS_COMMAND
+    from .status import STATUS_COMMAND
 
     deadline = time.monotonic() + timeout
     request = json.dumps({"execute": STATUS_COMMAND, "id": "qgaproxy-status"}).encode() + b"\n"
@@ -412,6 +421,8 @@ def _status_from_http(where: str, agent: str | None, timeout: float) -> dict:
     import urllib.error
     import urllib.parse
     import urllib.request
+
+    from .metrics import parse_host_port
 
     try:
         host, port = parse_host_port(where)

@@ -194,6 +194,46 @@ def test_help_documents_the_rules():
         assert text in result.stdout, text
 
 
+#: What only `serve` and `demo` need; the operator's tools start without them.
+SERVER_MODULES = ("trio", "prometheus_client", "qgaproxy.router", "qgaproxy.proxy", "qgaproxy.metrics",
+                  "qgaproxy.transport")
+
+_REPORT_MODULES = """\
+import sys
+from qgaproxy import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("MODULES", code, " ".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, status",
+    [
+        (["call", "--socket", "{sock}", "ping"], 0),
+        (["call", "--socket", "{sock}", "guest-get-host-name"], 0),
+        (["call", "--help"], 0),
+        (["shell", "--socket", "{sock}"], 0),
+        # The raw agent does not know the command: still the whole client path.
+        (["status", "--socket", "{sock}"], 1),
+    ],
+    ids=["ping", "command", "help", "shell", "status"],
+)
+def test_client_commands_import_no_server_modules(sim_raw, argv, status):
+    argv = [word.replace("{sock}", sim_raw) for word in argv]
+    result = subprocess.run([sys.executable, "-c", _REPORT_MODULES] + argv, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=STEP, env=client_env())
+    report = [line for line in result.stderr.splitlines() if line.startswith("MODULES ")]
+    assert report, result.stderr
+    _, code, modules = report[-1].split(" ", 2)
+    assert code == str(status), result.stderr
+    loaded = set(modules.split())
+    assert "qgaproxy.cli" in loaded
+    assert not loaded & set(SERVER_MODULES), sorted(loaded & set(SERVER_MODULES))
+
+
 # -- connection problems -------------------------------------------------------------------
 
 
