@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__
@@ -65,7 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: stdout was closed before everything was written (`qgaproxy status | head
+#: -1`): end quietly with the status of a program that SIGPIPE ends, as
+#: cat or grep would.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Here, not at interpreter exit, so that a closed pipe is seen.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Sockets' errors are the commands' own: only stdout gets here.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    """So that the interpreter's own flush at exit has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
@@ -375,7 +405,7 @@ def _status_from_socket(path: str, timeout: float) -> dict:
             sock.connect(path)
         except OSError as exc:
             raise _StatusError("%s: %s" % (path, exc.strerror or exc)) from None
-        sock.sendall(request)
+        _status_send(sock, path, request)
         buf = b""
         negotiated = False
         while True:
@@ -403,9 +433,8 @@ def _status_from_socket(path: str, timeout: float) -> dict:
             if isinstance(error, dict):
                 if error.get("desc") == EXPECTING and not negotiated:
                     negotiated = True
-                    sock.sendall(
-                        json.dumps({"execute": "qmp_capabilities", "id": "qgaproxy-caps"}).encode() + b"\n" + request
-                    )
+                    caps = json.dumps({"execute": "qmp_capabilities", "id": "qgaproxy-caps"}).encode() + b"\n"
+                    _status_send(sock, path, caps + request)
                     continue
                 raise _StatusError("%s: %s" % (error.get("class", "error"), error.get("desc", "")))
             value = reply.get("return")
@@ -414,6 +443,13 @@ def _status_from_socket(path: str, timeout: float) -> dict:
             return value
     finally:
         sock.close()
+
+
+def _status_send(sock, path: str, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise _StatusError("%s: %s" % (path, exc.strerror or exc)) from None
 
 
 def _status_from_http(where: str, agent: str | None, timeout: float) -> dict:

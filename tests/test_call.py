@@ -514,3 +514,72 @@ def test_exec_is_blocked_on_the_real_agent(real_proxy):
     result = call(path, "exec", "--", "/bin/true")
     assert result.returncode == 1
     assert "Command guest-exec has been disabled" in err(result), err(result)
+
+
+# -- stdout closed early ------------------------------------------------------------------------
+
+BIG = "x" * 100_000 + "\n"  # more than a pipe holds (64 KiB)
+BROKEN_PIPE = 141  # as a program that SIGPIPE ends
+
+
+@pytest.fixture(scope="module")
+def sim_proxy():
+    """A proxy (its own process) in front of a simulated agent with a file
+    larger than a pipe's buffer."""
+    with sim_agent("--file", "/var/log/big=" + BIG) as agent:
+        with proxy("unix:" + agent) as path:
+            yield path
+
+
+def run_closed(argv: list[str], stdin: bytes = b"", read_first: int = 0,
+               env: dict | None = None) -> tuple[int, bytes, bytes]:
+    """Run qgaproxy with stdout on a real pipe whose reader goes away: at
+    once (read_first=0), or, like `| head -c N`, after reading N bytes.
+    Returns (status, what was read, stderr)."""
+    r, w = os.pipe()
+    if not read_first:
+        os.close(r)
+    proc = subprocess.Popen(QGAPROXY + argv, stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE,
+                            env=env or client_env())
+    os.close(w)
+    got = b""
+    if read_first:
+        with os.fdopen(r, "rb", buffering=0) as reader:
+            while len(got) < read_first:
+                ready, _, _ = select.select([reader], [], [], STEP)
+                assert ready, "no output within %gs" % STEP
+                chunk = reader.read(read_first - len(got))
+                if not chunk:
+                    break
+                got += chunk
+    _, stderr = proc.communicate(stdin, timeout=STEP)
+    return proc.returncode, got, stderr
+
+
+@pytest.mark.parametrize(
+    "argv, stdin",
+    [
+        (["status", "--socket", "{sock}"], b""),
+        (["status", "--socket", "{sock}", "--json"], b""),
+        (["call", "--socket", "{sock}", "guest-info"], b""),
+        (["call", "--socket", "{sock}", "info"], b""),
+        (["shell", "--socket", "{sock}"], b"guest-info\ninfo\nping\n"),
+    ],
+    ids=["status", "status-json", "call", "call-form", "shell"],
+)
+def test_stdout_closed_before_any_output(sim_proxy, argv, stdin):
+    argv = [word.replace("{sock}", sim_proxy) for word in argv]
+    status, _, stderr = run_closed(argv, stdin)
+    assert (status, stderr) == (BROKEN_PIPE, b"")
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_stdout_closed_during_cat(sim_proxy, unbuffered):
+    """`qgaproxy call cat BIG | head -c 10`: the closed pipe stops the
+    output midway; the client ends quietly (closing the guest file says
+    nothing on stderr either). Unbuffered, the write that the closed pipe
+    cuts short is seen too, not taken for the whole."""
+    env = client_env(PYTHONUNBUFFERED=unbuffered)
+    status, got, stderr = run_closed(["call", "--socket", sim_proxy, "cat", "/var/log/big"], read_first=10, env=env)
+    assert got == b"x" * 10
+    assert (status, stderr) == (BROKEN_PIPE, b"")
