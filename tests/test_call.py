@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from operatorutil import QGAPROXY, STEP, call, client_env, proxy, short_tmpdir, sim_agent
+from operatorutil import QGAPROXY, STEP, call, client_env, proxy, qmp_proxy, short_tmpdir, sim_agent
 from ptyutil import PtyProcess
 from qgaproxy import cli
 from qgaproxy.call import UsageError, parse_pairs
@@ -583,3 +583,104 @@ def test_stdout_closed_during_cat(sim_proxy, unbuffered):
     status, got, stderr = run_closed(["call", "--socket", sim_proxy, "cat", "/var/log/big"], read_first=10, env=env)
     assert got == b"x" * 10
     assert (status, stderr) == (BROKEN_PIPE, b"")
+
+
+# -- qmp listeners --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_qmp_proxy():
+    """A proxy with a qga and a qmp listener in front of a real qemu-ga."""
+    require_real_agent()
+    with RealAgent() as agent:
+        with qmp_proxy("unix:" + str(agent.path)) as paths:
+            yield paths
+
+
+def shell(path: str, lines: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(QGAPROXY + ["shell", "--socket", path], input="".join(l + "\n" for l in lines).encode(),
+                          capture_output=True, timeout=STEP, env=client_env())
+
+
+def status_json(path: str) -> dict:
+    result = subprocess.run(QGAPROXY + ["status", "--socket", path, "--json"], capture_output=True,
+                            timeout=STEP, env=client_env())
+    assert result.returncode == 0, result
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("kind", ["qmp", "qga"])
+def test_call_shell_status_on_both_listener_kinds_real_agent(real_qmp_proxy, kind):
+    """A qmp listener greets and wants qmp_capabilities first: the client
+    negotiates and then works as on a qga listener."""
+    path = real_qmp_proxy[kind]
+    result = call(path, "guest-get-host-name")
+    assert (result.returncode, out(result), err(result)) == (0, '{"host-name":%s}\n' % json.dumps(HOSTNAME), "")
+    result = call(path, "info")
+    assert result.returncode == 0, result
+    assert out(result).startswith("version: "), out(result)
+    result = shell(path, ["guest-ping", "guest-get-host-name", "ping"])
+    assert (result.returncode, err(result)) == (0, ""), result
+    assert out(result) == '{"return":{}}\n{"return":{"host-name":%s}}\nok\n' % json.dumps(HOSTNAME)
+    st = status_json(path)
+    assert st["state"] == "ready", st
+    clients = {listener["name"]: listener["clients"] for listener in st["listeners"]}
+    (me,) = clients[kind]  # the status command's own connection
+    assert me["exe"].startswith("python") and me["requests"] == (3 if kind == "qmp" else 1), me
+
+
+def test_forms_through_a_qmp_listener_simulated_agent():
+    """exec and cat (several round trips each) through a qmp listener."""
+    with sim_agent("--file", "/etc/motd=hello from the guest\n") as agent:
+        with qmp_proxy("unix:" + agent) as paths:
+            result = call(paths["qmp"], "cat", "/etc/motd")
+            assert (result.returncode, result.stdout) == (0, b"hello from the guest\n"), result
+            result = call(paths["qmp"], "exec", "--", "/bin/echo", "hi")
+            assert result.returncode == 0, result
+            result = call(paths["qmp"], "ping")
+            assert (result.returncode, out(result)) == (0, "ok\n"), result
+
+
+class Greeter:
+    """A qmp-style server that greets, then refuses qmp_capabilities."""
+
+    def __init__(self):
+        self.dir = short_tmpdir()
+        self.path = os.path.join(self.dir, "greeter.sock")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.server.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            data = b""
+            while b"qmp_capabilities" not in data:
+                ready, _, _ = select.select([conn], [], [], STEP)
+                chunk = conn.recv(65536) if ready else b""
+                if not chunk:
+                    return
+                data += chunk
+            caps = json.loads(data[data.rindex(b"{", 0, data.index(b"qmp_capabilities")):].split(b"\n")[0])
+            conn.sendall(b'{"error": {"class": "GenericError", "desc": "no"}, "id": %s}\n'
+                         % json.dumps(caps["id"]).encode())
+            FakeAgent._recv(conn)
+
+    def close(self):
+        self.server.close()
+        self.thread.join(STEP)
+        os.unlink(self.path)
+        os.rmdir(self.dir)
+
+
+def test_refused_negotiation_is_a_connection_problem():
+    greeter = Greeter()
+    try:
+        result = call(greeter.path, "--timeout", "2", "guest-ping")
+    finally:
+        greeter.close()
+    assert result.returncode == 3, result
+    assert err(result) == "qgaproxy: %s refused qmp_capabilities: no\n" % greeter.path
