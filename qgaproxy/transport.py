@@ -197,8 +197,10 @@ def peer(stream) -> Peer | None:
 
 def peer_executable(pid: int) -> str | None:
     """The base name of /proc/PID/exe; when that link may not be read (a
-    process of another user, without CAP_SYS_PTRACE), /proc/PID/comm,
-    which anyone may read; None if the process is already gone."""
+    process of another user, without CAP_SYS_PTRACE), /proc/PID/comm.
+    Best effort, for logs, status and audit only: None if the process is
+    already gone or hidden (a /proc with hidepid, as the shipped units'
+    ProtectProc=invisible mounts it, shows no other user's processes)."""
     if pid <= 0:
         return None
     try:
