@@ -42,6 +42,7 @@ exit status:
   3    connection problem or timeout: the socket cannot be reached, it
        closed, or no reply came within --timeout
   130  interrupted (Ctrl-C)
+  141  stdout was closed early (| head): as a program SIGPIPE ends
   exec exits with the guest program's status instead (128+N for signal N);
   0 to 3 still mean the above when the program could not be run or waited
   for, with a message on stderr."""
@@ -246,16 +247,5 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("qgaproxy: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # stdout closed early (| head): not an error of ours.
-        _silence_stdout()
-        return EXIT_OK
+    # BrokenPipeError (stdout closed early) is cli.main's.
     return EXIT_OK
-
-
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass

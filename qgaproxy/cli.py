@@ -1,16 +1,18 @@
-"""The qgaproxy command line."""
+"""The qgaproxy command line.
+
+Only argparse and the standard library at import: the operator's tools
+(call, shell, status) start without trio, prometheus-client or the
+router; each command imports what it serves with.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-import trio
-
 from . import __version__
-from .metrics import parse_host_port
-from .transport import AddressError, UpstreamAddress
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -64,7 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: stdout was closed before everything was written (`qgaproxy status | head
+#: -1`): end quietly with the status of a program that SIGPIPE ends, as
+#: cat or grep would.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Here, not at interpreter exit, so that a closed pipe is seen.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Sockets' errors are the commands' own: only stdout gets here.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_to_devnull() -> None:
+    """So that the interpreter's own flush at exit has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if hasattr(args, "run"):
@@ -110,6 +141,8 @@ def build_config(args):
     import attrs
 
     from . import config as configmod
+    from .metrics import parse_host_port
+    from .transport import UpstreamAddress
 
     if args.config:
         cfg = configmod.load(args.config)
@@ -179,8 +212,11 @@ def _audit_override(current, path, mode):
 
 
 def _serve(args) -> int:
+    import trio
+
     from . import config as configmod
     from .server import Server
+    from .transport import AddressError
 
     try:
         cfg = build_config(args)
@@ -250,7 +286,10 @@ def _demo(args) -> int:
     import os
     import tempfile
 
+    import trio
+
     from .proxy import Proxy, ProxyConfig
+    from .transport import UpstreamAddress
     from .upstream import State
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
@@ -355,7 +394,7 @@ def _status_from_socket(path: str, timeout: float) -> dict:
     import time
 
     from .negotiation import EXPECTING
-    from .router import STATUS_COMMAND
+    from .status import STATUS_COMMAND
 
     deadline = time.monotonic() + timeout
     request = json.dumps({"execute": STATUS_COMMAND, "id": "qgaproxy-status"}).encode() + b"\n"
@@ -366,7 +405,7 @@ def _status_from_socket(path: str, timeout: float) -> dict:
             sock.connect(path)
         except OSError as exc:
             raise _StatusError("%s: %s" % (path, exc.strerror or exc)) from None
-        sock.sendall(request)
+        _status_send(sock, path, request)
         buf = b""
         negotiated = False
         while True:
@@ -394,9 +433,8 @@ def _status_from_socket(path: str, timeout: float) -> dict:
             if isinstance(error, dict):
                 if error.get("desc") == EXPECTING and not negotiated:
                     negotiated = True
-                    sock.sendall(
-                        json.dumps({"execute": "qmp_capabilities", "id": "qgaproxy-caps"}).encode() + b"\n" + request
-                    )
+                    caps = json.dumps({"execute": "qmp_capabilities", "id": "qgaproxy-caps"}).encode() + b"\n"
+                    _status_send(sock, path, caps + request)
                     continue
                 raise _StatusError("%s: %s" % (error.get("class", "error"), error.get("desc", "")))
             value = reply.get("return")
@@ -407,11 +445,20 @@ def _status_from_socket(path: str, timeout: float) -> dict:
         sock.close()
 
 
+def _status_send(sock, path: str, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise _StatusError("%s: %s" % (path, exc.strerror or exc)) from None
+
+
 def _status_from_http(where: str, agent: str | None, timeout: float) -> dict:
     import json
     import urllib.error
     import urllib.parse
     import urllib.request
+
+    from .metrics import parse_host_port
 
     try:
         host, port = parse_host_port(where)

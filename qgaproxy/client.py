@@ -5,6 +5,11 @@ connection starts with 0xFF and guest-sync-delimited with a random id, and
 everything read before that sync's own reply is thrown away (an agent's
 error for the 0xFF, replies a previous client left unread, half a line).
 
+A proxy listener with ``protocol = "qmp"`` greets first ({"QMP": ...}) and
+wants ``qmp_capabilities`` before anything else: when the first line of a
+connection is such a greeting, the client negotiates (no capabilities)
+and syncs again, so the same tools work on both kinds of listener.
+
 Plain blocking sockets: a command-line tool does one thing at a time.
 It must never hang: every read has a deadline, and a reply larger than
 MAX_REPLY is an error. No trio here.
@@ -74,6 +79,10 @@ class AgentClient:
         self._needs_sync = True
         # Agents before QEMU 4.0 refuse a request's "id"; learnt on first use.
         self._use_ids = True
+        # Whether the connection's first line (a QMP greeting?) is yet to come.
+        self._first_line = False
+        #: The QMP greeting of a qmp listener, None elsewhere.
+        self.greeting: dict | None = None
 
     # -- connection ----------------------------------------------------------
 
@@ -93,6 +102,8 @@ class AgentClient:
         sock.setblocking(False)
         self._sock = sock
         self._buf.clear()
+        self._first_line = True
+        self.greeting = None
         self.sync(deadline)
         return self
 
@@ -117,11 +128,18 @@ class AgentClient:
         if deadline is None:
             deadline = time.monotonic() + self.timeout
         self._needs_sync = True
-        sync_id = new_id()
-        self._send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": %d}}\n' % sync_id, deadline)
-        want = b'\xff{"return": %d}\n' % sync_id
+        want = self._send_sync(deadline)
         discarded = 0
         while True:
+            if self._first_line:
+                greeted = self._take_greeting()
+                if greeted is None:
+                    self._fill(deadline, "reply to the sync")
+                    continue
+                self._first_line = False
+                if greeted:
+                    self._negotiate(deadline)
+                    want = self._send_sync(deadline)
             i = self._buf.find(want)
             if i >= 0:
                 del self._buf[: i + len(want)]
@@ -135,6 +153,47 @@ class AgentClient:
                 raise ConnectionProblem("no reply to the sync after %d bytes of other data" % discarded)
             self._fill(deadline, "reply to the sync")
         self._needs_sync = False
+
+    def _send_sync(self, deadline: float) -> bytes:
+        """0xFF and a sync with a fresh id; the reply to look for."""
+        sync_id = new_id()
+        self._send(b'\xff{"execute": "guest-sync-delimited", "arguments": {"id": %d}}\n' % sync_id, deadline)
+        return b'\xff{"return": %d}\n' % sync_id
+
+    def _take_greeting(self) -> bool | None:
+        """Whether the connection began with a QMP greeting (then taken
+        out of the buffer); None until that can be told."""
+        if self._buf[:1] not in (b"", b"{"):
+            return False  # an agent's 0xFF, or anything else but an object
+        i = self._buf.find(b"\n")
+        if i < 0:
+            if len(self._buf) > MAX_REPLY:
+                return False  # the sync's bound on discarded data applies
+            return None
+        try:
+            first = json.loads(bytes(self._buf[:i]))
+        except ValueError:
+            return False
+        if not (isinstance(first, dict) and isinstance(first.get("QMP"), dict)):
+            return False
+        del self._buf[: i + 1]
+        self.greeting = first["QMP"]
+        return True
+
+    def _negotiate(self, deadline: float) -> None:
+        """qmp_capabilities, none enabled. The error the listener answered
+        our first sync with goes by with everything else before the reply."""
+        caps_id = "qgaproxy-caps-%d" % new_id()
+        self._send(json.dumps({"execute": "qmp_capabilities", "id": caps_id}).encode() + b"\n", deadline)
+        while True:
+            reply = self._read_reply(deadline, "reply to qmp_capabilities")
+            if isinstance(reply, dict) and reply.get("id") == caps_id:
+                break
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise ConnectionProblem(
+                "%s refused qmp_capabilities: %s" % (self.path, error.get("desc", reply["error"]))
+            )
 
     # -- requests --------------------------------------------------------------
 

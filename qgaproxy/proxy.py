@@ -696,7 +696,7 @@ class Proxy:
         if policy.peer_uids or policy.peer_gids:
             peer = transport.peer_credentials(stream)
             uid = peer[1] if peer else None
-            gids = transport.peer_groups(peer[0], peer[2]) if peer else frozenset()
+            gids = transport.peer_groups(peer[0], peer[2], getattr(stream, "socket", None)) if peer else frozenset()
             if not policy.admits(uid, gids):
                 return "peer not allowed (pid %s, uid %s, gids %s)" % (
                     peer[0] if peer else "?",

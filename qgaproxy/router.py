@@ -41,6 +41,9 @@ from .freezeguard import DEFAULT_MAX_FROZEN, FreezeGuard
 from .isolation import Ownership
 from .messages import Request
 from .policy import OPEN, Policy
+# The proxy's own status command (status.py): agent commands are all
+# guest-*, so it cannot collide with one. Subject to listener policy.
+from .status import STATUS_COMMAND
 from .upstream import State, Upstream
 
 # How many replies a client may be owed (queued, in flight, or written
@@ -56,10 +59,6 @@ DEFAULT_CLIENT_BACKLOG = 64
 DEFAULT_WINDOW = 32
 
 DEFAULT_REQUEST_TIMEOUT = 5.0
-
-# The proxy's own status command (status.py): agent commands are all
-# guest-*, so it cannot collide with one. Subject to listener policy.
-STATUS_COMMAND = "qgaproxy-status"
 
 
 class Observer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import select
 import sys
 import textwrap
 import time
@@ -59,8 +60,18 @@ class Output:
     def binary(self, data: bytes, err: bool = False) -> None:
         stream = self.stderr if err else self.stdout
         stream.flush()
-        getattr(stream, "buffer", stream).write(data)
-        getattr(stream, "buffer", stream).flush()
+        target = getattr(stream, "buffer", stream)
+        # Unbuffered (python -u, PYTHONUNBUFFERED) it is the raw file, which
+        # may take part of the data: a signal, or a reader that went away
+        # (the next write raises BrokenPipeError instead of losing the rest).
+        view = memoryview(data)
+        while view:
+            written = target.write(view)
+            if written is None:  # a non-blocking stdout, full for now
+                select.select([], [target], [])
+                continue
+            view = view[written:]
+        target.flush()
         if data and not err:
             self.mid_line = not data.endswith(b"\n")
 

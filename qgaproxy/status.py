@@ -4,7 +4,7 @@
 clients and what each waits for, the freeze guard, a few counters) into
 plain JSON-ready data; ``render()`` turns that (for one agent or several)
 into text for people. The proxy answers it to ``qgaproxy-status`` on any
-client connection its listener's policy lets run it (router.STATUS_COMMAND),
+client connection its listener's policy lets run it (STATUS_COMMAND),
 and the metrics server serves it at ``GET /status``.
 
 Pure functions: no I/O, no clock (callers pass the monotonic ``now`` the
@@ -16,9 +16,13 @@ Keys are snake_case: the consumers are scripts (``jq .agents.vm1.state``).
 from __future__ import annotations
 
 import datetime
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from .router import Router
+if TYPE_CHECKING:  # the router is not needed to ask for or render a status
+    from .router import Router
+
+#: The proxy's own command that answers the status.
+STATUS_COMMAND = "qgaproxy-status"
 
 
 def iso(wall: float) -> str:

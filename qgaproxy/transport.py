@@ -14,10 +14,12 @@ socket files); it decides nothing about the protocol.
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
 import stat
+import sys
 import termios
 import tty
 
@@ -195,8 +197,10 @@ def peer(stream) -> Peer | None:
 
 def peer_executable(pid: int) -> str | None:
     """The base name of /proc/PID/exe; when that link may not be read (a
-    process of another user, without CAP_SYS_PTRACE), /proc/PID/comm,
-    which anyone may read; None if the process is already gone."""
+    process of another user, without CAP_SYS_PTRACE), /proc/PID/comm.
+    Best effort, for logs, status and audit only: None if the process is
+    already gone or hidden (a /proc with hidepid, as the shipped units'
+    ProtectProc=invisible mounts it, shows no other user's processes)."""
     if pid <= 0:
         return None
     try:
@@ -210,16 +214,47 @@ def peer_executable(pid: int) -> str | None:
         return None
 
 
-def peer_groups(pid: int, gid: int) -> frozenset:
-    """A peer's primary and supplementary groups (the latter from
-    /proc/PID/status; if the process is gone, only the primary)."""
+#: Linux 4.13+ (asm-generic/socket.h); the socket module may not name it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+#: getsockopt() takes at most 1024 bytes here: 256 groups. A peer with more
+#: is looked up in /proc instead.
+_PEERGROUPS_BUFLEN = 1024
+
+
+def peer_groups(pid: int, gid: int, sock: socket.socket | None = None) -> frozenset:
+    """A peer's primary and supplementary groups.
+
+    The supplementary ones come from SO_PEERGROUPS on ``sock`` (as the peer
+    had them at connect; it needs no /proc, which the shipped units'
+    ProtectProc=invisible hides from the proxy for other users' processes),
+    else from /proc/PID/status; if neither tells, only the primary counts."""
     groups = {gid}
+    supplementary = _socket_groups(sock) if sock is not None else None
+    if supplementary is None:
+        supplementary = _proc_groups(pid)
+    groups.update(supplementary)
+    return frozenset(groups)
+
+
+def _socket_groups(sock: socket.socket) -> list[int] | None:
+    """SO_PEERGROUPS, or None where it is not to be had (an older kernel,
+    not a unix socket, more groups than fit)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _PEERGROUPS_BUFLEN)
+    except OSError:
+        return None
+    return list(array.array("I", raw[: len(raw) - len(raw) % 4]))
+
+
+def _proc_groups(pid: int) -> list[int]:
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
                 if line.startswith("Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-                    break
+                    return [int(g) for g in line.split()[1:]]
     except OSError:
         pass
-    return frozenset(groups)
+    return []

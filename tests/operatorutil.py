@@ -100,3 +100,28 @@ def proxy(upstream: str):
         process.kill()
         with contextlib.suppress(OSError):
             os.rmdir(tmp)
+
+
+@contextlib.contextmanager
+def qmp_proxy(upstream: str):
+    """`qgaproxy serve` with a qga and a qmp listener in front of
+    `upstream`: yields {"qga": path, "qmp": path} once the agent is ready."""
+    tmp = short_tmpdir()
+    paths = {kind: os.path.join(tmp, kind + ".sock") for kind in ("qga", "qmp")}
+    config = os.path.join(tmp, "proxy.toml")
+    with open(config, "w") as f:
+        f.write('[[agent]]\nname = "vm"\nupstream = "%s"\n' % upstream)
+        for kind, path in paths.items():
+            f.write('[[agent.listener]]\npath = "%s"\nprotocol = "%s"\n' % (path, kind))
+    process = ProxyProcess(QGAPROXY + ["serve", "--config", config])
+    try:
+        process.wait_line(READY_RE)
+        process.find_line(AGENT_READY_RE)
+        yield paths
+    finally:
+        if process.proc.poll() is None:
+            assert process.stop() == 0, process.rest_of_log()
+        process.kill()
+        with contextlib.suppress(OSError):
+            os.unlink(config)
+            os.rmdir(tmp)

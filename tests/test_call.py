@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from operatorutil import QGAPROXY, STEP, call, client_env, proxy, short_tmpdir, sim_agent
+from operatorutil import QGAPROXY, STEP, call, client_env, proxy, qmp_proxy, short_tmpdir, sim_agent
 from ptyutil import PtyProcess
 from qgaproxy import cli
 from qgaproxy.call import UsageError, parse_pairs
@@ -192,6 +192,46 @@ def test_help_documents_the_rules():
     for text in ("KEY:=JSON", "exit status:", "3    connection problem or timeout", "QGAPROXY_SOCKET",
                  "fsfreeze-status", "exec -- PROGRAM"):
         assert text in result.stdout, text
+
+
+#: What only `serve` and `demo` need; the operator's tools start without them.
+SERVER_MODULES = ("trio", "prometheus_client", "qgaproxy.router", "qgaproxy.proxy", "qgaproxy.metrics",
+                  "qgaproxy.transport")
+
+_REPORT_MODULES = """\
+import sys
+from qgaproxy import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("MODULES", code, " ".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, status",
+    [
+        (["call", "--socket", "{sock}", "ping"], 0),
+        (["call", "--socket", "{sock}", "guest-get-host-name"], 0),
+        (["call", "--help"], 0),
+        (["shell", "--socket", "{sock}"], 0),
+        # The raw agent does not know the command: still the whole client path.
+        (["status", "--socket", "{sock}"], 1),
+    ],
+    ids=["ping", "command", "help", "shell", "status"],
+)
+def test_client_commands_import_no_server_modules(sim_raw, argv, status):
+    argv = [word.replace("{sock}", sim_raw) for word in argv]
+    result = subprocess.run([sys.executable, "-c", _REPORT_MODULES] + argv, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=STEP, env=client_env())
+    report = [line for line in result.stderr.splitlines() if line.startswith("MODULES ")]
+    assert report, result.stderr
+    _, code, modules = report[-1].split(" ", 2)
+    assert code == str(status), result.stderr
+    loaded = set(modules.split())
+    assert "qgaproxy.cli" in loaded
+    assert not loaded & set(SERVER_MODULES), sorted(loaded & set(SERVER_MODULES))
 
 
 # -- connection problems -------------------------------------------------------------------
@@ -474,3 +514,173 @@ def test_exec_is_blocked_on_the_real_agent(real_proxy):
     result = call(path, "exec", "--", "/bin/true")
     assert result.returncode == 1
     assert "Command guest-exec has been disabled" in err(result), err(result)
+
+
+# -- stdout closed early ------------------------------------------------------------------------
+
+BIG = "x" * 100_000 + "\n"  # more than a pipe holds (64 KiB)
+BROKEN_PIPE = 141  # as a program that SIGPIPE ends
+
+
+@pytest.fixture(scope="module")
+def sim_proxy():
+    """A proxy (its own process) in front of a simulated agent with a file
+    larger than a pipe's buffer."""
+    with sim_agent("--file", "/var/log/big=" + BIG) as agent:
+        with proxy("unix:" + agent) as path:
+            yield path
+
+
+def run_closed(argv: list[str], stdin: bytes = b"", read_first: int = 0,
+               env: dict | None = None) -> tuple[int, bytes, bytes]:
+    """Run qgaproxy with stdout on a real pipe whose reader goes away: at
+    once (read_first=0), or, like `| head -c N`, after reading N bytes.
+    Returns (status, what was read, stderr)."""
+    r, w = os.pipe()
+    if not read_first:
+        os.close(r)
+    proc = subprocess.Popen(QGAPROXY + argv, stdin=subprocess.PIPE, stdout=w, stderr=subprocess.PIPE,
+                            env=env or client_env())
+    os.close(w)
+    got = b""
+    if read_first:
+        with os.fdopen(r, "rb", buffering=0) as reader:
+            while len(got) < read_first:
+                ready, _, _ = select.select([reader], [], [], STEP)
+                assert ready, "no output within %gs" % STEP
+                chunk = reader.read(read_first - len(got))
+                if not chunk:
+                    break
+                got += chunk
+    _, stderr = proc.communicate(stdin, timeout=STEP)
+    return proc.returncode, got, stderr
+
+
+@pytest.mark.parametrize(
+    "argv, stdin",
+    [
+        (["status", "--socket", "{sock}"], b""),
+        (["status", "--socket", "{sock}", "--json"], b""),
+        (["call", "--socket", "{sock}", "guest-info"], b""),
+        (["call", "--socket", "{sock}", "info"], b""),
+        (["shell", "--socket", "{sock}"], b"guest-info\ninfo\nping\n"),
+    ],
+    ids=["status", "status-json", "call", "call-form", "shell"],
+)
+def test_stdout_closed_before_any_output(sim_proxy, argv, stdin):
+    argv = [word.replace("{sock}", sim_proxy) for word in argv]
+    status, _, stderr = run_closed(argv, stdin)
+    assert (status, stderr) == (BROKEN_PIPE, b"")
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_stdout_closed_during_cat(sim_proxy, unbuffered):
+    """`qgaproxy call cat BIG | head -c 10`: the closed pipe stops the
+    output midway; the client ends quietly (closing the guest file says
+    nothing on stderr either). Unbuffered, the write that the closed pipe
+    cuts short is seen too, not taken for the whole."""
+    env = client_env(PYTHONUNBUFFERED=unbuffered)
+    status, got, stderr = run_closed(["call", "--socket", sim_proxy, "cat", "/var/log/big"], read_first=10, env=env)
+    assert got == b"x" * 10
+    assert (status, stderr) == (BROKEN_PIPE, b"")
+
+
+# -- qmp listeners --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_qmp_proxy():
+    """A proxy with a qga and a qmp listener in front of a real qemu-ga."""
+    require_real_agent()
+    with RealAgent() as agent:
+        with qmp_proxy("unix:" + str(agent.path)) as paths:
+            yield paths
+
+
+def shell(path: str, lines: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(QGAPROXY + ["shell", "--socket", path], input="".join(l + "\n" for l in lines).encode(),
+                          capture_output=True, timeout=STEP, env=client_env())
+
+
+def status_json(path: str) -> dict:
+    result = subprocess.run(QGAPROXY + ["status", "--socket", path, "--json"], capture_output=True,
+                            timeout=STEP, env=client_env())
+    assert result.returncode == 0, result
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("kind", ["qmp", "qga"])
+def test_call_shell_status_on_both_listener_kinds_real_agent(real_qmp_proxy, kind):
+    """A qmp listener greets and wants qmp_capabilities first: the client
+    negotiates and then works as on a qga listener."""
+    path = real_qmp_proxy[kind]
+    result = call(path, "guest-get-host-name")
+    assert (result.returncode, out(result), err(result)) == (0, '{"host-name":%s}\n' % json.dumps(HOSTNAME), "")
+    result = call(path, "info")
+    assert result.returncode == 0, result
+    assert out(result).startswith("version: "), out(result)
+    result = shell(path, ["guest-ping", "guest-get-host-name", "ping"])
+    assert (result.returncode, err(result)) == (0, ""), result
+    assert out(result) == '{"return":{}}\n{"return":{"host-name":%s}}\nok\n' % json.dumps(HOSTNAME)
+    st = status_json(path)
+    assert st["state"] == "ready", st
+    clients = {listener["name"]: listener["clients"] for listener in st["listeners"]}
+    (me,) = clients[kind]  # the status command's own connection
+    assert me["exe"].startswith("python") and me["requests"] == (3 if kind == "qmp" else 1), me
+
+
+def test_forms_through_a_qmp_listener_simulated_agent():
+    """exec and cat (several round trips each) through a qmp listener."""
+    with sim_agent("--file", "/etc/motd=hello from the guest\n") as agent:
+        with qmp_proxy("unix:" + agent) as paths:
+            result = call(paths["qmp"], "cat", "/etc/motd")
+            assert (result.returncode, result.stdout) == (0, b"hello from the guest\n"), result
+            result = call(paths["qmp"], "exec", "--", "/bin/echo", "hi")
+            assert result.returncode == 0, result
+            result = call(paths["qmp"], "ping")
+            assert (result.returncode, out(result)) == (0, "ok\n"), result
+
+
+class Greeter:
+    """A qmp-style server that greets, then refuses qmp_capabilities."""
+
+    def __init__(self):
+        self.dir = short_tmpdir()
+        self.path = os.path.join(self.dir, "greeter.sock")
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(self.path)
+        self.server.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.server.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            data = b""
+            while b"qmp_capabilities" not in data:
+                ready, _, _ = select.select([conn], [], [], STEP)
+                chunk = conn.recv(65536) if ready else b""
+                if not chunk:
+                    return
+                data += chunk
+            caps = json.loads(data[data.rindex(b"{", 0, data.index(b"qmp_capabilities")):].split(b"\n")[0])
+            conn.sendall(b'{"error": {"class": "GenericError", "desc": "no"}, "id": %s}\n'
+                         % json.dumps(caps["id"]).encode())
+            FakeAgent._recv(conn)
+
+    def close(self):
+        self.server.close()
+        self.thread.join(STEP)
+        os.unlink(self.path)
+        os.rmdir(self.dir)
+
+
+def test_refused_negotiation_is_a_connection_problem():
+    greeter = Greeter()
+    try:
+        result = call(greeter.path, "--timeout", "2", "guest-ping")
+    finally:
+        greeter.close()
+    assert result.returncode == 3, result
+    assert err(result) == "qgaproxy: %s refused qmp_capabilities: no\n" % greeter.path

@@ -365,6 +365,88 @@ async def test_peer_credentials(real_agent, caplog):
     assert "uid %d" % nobody in refusals[1] and "gids %d" % nogroup in refusals[1]
 
 
+def test_peer_groups_from_the_socket():
+    """SO_PEERGROUPS gives a peer's supplementary groups with no /proc
+    (pid 0 here: /proc cannot help); the primary group always counts."""
+    script = ("import socket, sys\n"
+              "from qgaproxy import transport\n"
+              "a, b = socket.socketpair()\n"
+              "print(sorted(transport.peer_groups(0, 12345, a)), sorted(transport.peer_groups(0, 12345)))\n")
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to set supplementary groups")
+    groups = "4242,4243,%d" % grp.getgrnam("nogroup").gr_gid
+    result = subprocess.run(["setpriv", "--groups=" + groups, sys.executable, "-c", script],
+                            capture_output=True, text=True, timeout=STEP)
+    assert result.returncode == 0, result.stderr
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    assert result.stdout == "%s [12345]\n" % sorted([4242, 4243, nogroup, 12345])
+
+
+#: A group nothing here has: the gid= of a hidepid /proc mount sees all.
+PROC_GID = 4249
+
+#: argv prefix: what follows runs as root but sees /proc as a service under
+#: ProtectProc=invisible does (a private mount namespace, /proc mounted
+#: again with hidepid=invisible, no CAP_SYS_PTRACE): other users'
+#: processes are not there.
+HIDDEN_PROC = [
+    "unshare", "-m", "sh", "-c", 'mount -t proc -o hidepid=invisible,gid=%d proc /proc && exec "$@"' % PROC_GID, "sh",
+    "setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace", "--",
+]
+
+_PROC_PROBE = """\
+import sys
+from qgaproxy import transport
+print(sorted(transport.peer_groups(int(sys.argv[1]), 0) - {0}))  # from /proc: no socket
+"""
+
+
+async def test_peer_gids_with_hidden_proc(tmp_path):
+    """A proxy that cannot see other users' processes in /proc (the shipped
+    units' ProtectProc=invisible) still admits a peer by a supplementary
+    group, and still refuses one without it."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv")):
+        pytest.skip("needs root, unshare and setpriv")
+    extra_gid = 4242
+    # First, that /proc is blind there: a process of nobody's with the group.
+    holder = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--groups=%d" % extra_gid, "cat"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        probes = [
+            subprocess.run(prefix + [sys.executable, "-c", _PROC_PROBE, str(holder.pid)],
+                           capture_output=True, text=True, timeout=STEP)
+            for prefix in ([], HIDDEN_PROC)
+        ]
+    finally:
+        holder.stdin.close()
+        holder.wait(STEP)
+    if probes[1].returncode != 0:
+        pytest.skip("cannot mount a hidden /proc here: %s" % probes[1].stderr.strip())
+    assert [p.stdout for p in probes] == ["[%d]\n" % extra_gid, "[]\n"], probes
+
+    from test_cli import READY_RE, ProxyProcess
+
+    sockdir = tempfile.mkdtemp(prefix="qgaproxy-hidden-")
+    os.chmod(sockdir, 0o755)
+    path = os.path.join(sockdir, "bygroup.sock")
+    cfg = tmp_path / "proxy.toml"
+    cfg.write_text('[[agent]]\nname = "vm"\nupstream = "sim"\n[[agent.listener]]\npath = "%s"\nmode = "0660"\n'
+                   'group = "nogroup"\npeer_gids = [%d]\n' % (path, extra_gid))
+    proxy = ProxyProcess(HIDDEN_PROC + [sys.executable, "-m", "qgaproxy", "serve", "--config", str(cfg)])
+    try:
+        proxy.wait_line(READY_RE)
+        out = await run_as_nobody(path, groups=str(extra_gid))
+        assert out["groups"] == [extra_gid] and out["got"] == PONG, (out, proxy.rest_of_log())
+        out = await run_as_nobody(path)
+        assert out["got"] == "" and out["closed"], out
+        proxy.find_line(r"refused a client on bygroup: peer not allowed \(pid \d+, uid %d, gids %d\)"
+                        % (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid))
+        assert proxy.stop() == 0
+    finally:
+        proxy.kill()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
 async def test_max_clients(autojump_clock, tmp_path):
     path = str(tmp_path / "limited.sock")
     listeners = (ListenerConfig(path, name="limited", max_clients=2),)
