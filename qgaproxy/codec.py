@@ -513,8 +513,13 @@ class ReplyDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list:
-        events: list = []
         buf = self._buf
+        if not buf and not self._discarding and data[-1:] == b"\n" and data.find(b"\n") == len(data) - 1:
+            # One whole line, the usual read: no copy through the buffer.
+            if b"\xff" not in data and len(data) <= self.max_line:
+                line = data[:-1]
+                return [Line(line)] if line.strip() else []
+        events: list = []
         buf += data
         start = 0
         pos = self._scan

@@ -41,6 +41,8 @@ class Request:
         """The id as the agent would echo it, or None when absent."""
         if not self.has_id:
             return None
+        if type(self.id) is int:
+            return b"%d" % self.id
         return qjson.dumpb(self.id)
 
 
@@ -56,8 +58,18 @@ class Rejected:
         return error_reply(GENERIC_ERROR, self.desc, self.has_id, self.id)
 
 
+_MEMBERS = frozenset({"execute", "arguments", "id"})
+
+
 def check_request(value: Any, size: int = 0) -> Request | Rejected:
     """qmp_dispatch() up to the command lookup, for qemu-ga (no OOB)."""
+    if type(value) is dict and value.keys() <= _MEMBERS and type(value.get("execute")) is str:
+        # Nothing to refuse (the usual case): no order to find the first
+        # problem in.
+        arguments = value.get("arguments")
+        if arguments is None or type(arguments) is dict:
+            if "arguments" not in value or arguments is not None:
+                return Request(value["execute"], arguments, "id" in value, value.get("id"), size)
     if not isinstance(value, dict):
         return Rejected("QMP input must be a JSON object", False)
     has_id = "id" in value

@@ -52,15 +52,24 @@ class Policy:
     name: str = ""  # the listener's name, for the denial reason
     _allow_re: re.Pattern | None = attrs.field(init=False, repr=False, eq=False)
     _deny_re: re.Pattern | None = attrs.field(init=False, repr=False, eq=False)
+    # Decisions made so far: the same few commands, over and over.
+    _decided: dict = attrs.field(init=False, repr=False, eq=False, factory=dict)
 
     def __attrs_post_init__(self):
         object.__setattr__(self, "_allow_re", _compile(self.allow))
         object.__setattr__(self, "_deny_re", _compile(self.deny))
 
     def allows(self, command: str) -> bool:
+        decided = self._decided.get(command)
+        if decided is not None:
+            return decided
         if self._deny_re is not None and self._deny_re.match(command):
-            return False
-        return self._allow_re is not None and self._allow_re.match(command) is not None
+            decided = False
+        else:
+            decided = self._allow_re is not None and self._allow_re.match(command) is not None
+        if len(self._decided) < 1024 and len(command) <= 128:  # names come from clients
+            self._decided[command] = decided
+        return decided
 
     def denial_reason(self) -> str:
         return "denied by qgaproxy policy of listener '%s'" % self.name

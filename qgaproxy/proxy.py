@@ -199,8 +199,12 @@ class _Fanout(Observer):
         self.log = proxy.log
 
     def request_done(self, command, outcome, duration, queued):
-        if self.proxy.metrics:
-            self.proxy.metrics.request_done(command, outcome, duration, queued)
+        # Counted after the replies are written (Proxy._after): off the
+        # path a reply takes.
+        done = self.proxy._done
+        done.append((command, outcome, duration, queued))
+        if len(done) >= 1024:
+            self.proxy._count_done()
 
     def stale_reply(self, why):
         self.log.debug("dropped a reply that matches no request: %s", why)
@@ -354,6 +358,7 @@ class Proxy:
         self._sim_agent = sim_agent
         self._sessions: dict[Client, Session] = {}
         self._upstream_wake = Signal()
+        self._done: list[tuple] = []  # finished requests not yet counted in the metrics
         # The channel's descriptor while connected (-1: none), for writes
         # made on the spot; what they could not place waits in _up_rest.
         self._up_fd = -1
@@ -405,8 +410,16 @@ class Proxy:
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             self._timer_at = deadline
             self._timer_wake.set()
+        if self._done:
+            self._count_done()
         if self._draining:
             self._drained.set()
+
+    def _count_done(self) -> None:
+        done, self._done = self._done, []
+        request_done = self.metrics.request_done
+        for args in done:
+            request_done(*args)
 
     def _write_upstream_now(self) -> None:
         router = self.router

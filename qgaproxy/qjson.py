@@ -75,9 +75,20 @@ def qdict_order(keys) -> list[str]:
     """Keys in the order QEMU iterates a QDict built by inserting them in
     the given order: by hash bucket, and newest first within a bucket
     (QLIST_INSERT_HEAD)."""
-    indexed = list(enumerate(keys))
-    indexed.sort(key=lambda item: (qdict_bucket(item[1]), -item[0]))
-    return [key for _, key in indexed]
+    keys = tuple(keys)
+    order = _order_cache.get(keys)
+    if order is None:
+        indexed = list(enumerate(keys))
+        indexed.sort(key=lambda item: (qdict_bucket(item[1]), -item[0]))
+        order = [key for _, key in indexed]
+        # The few small key sets seen over and over (bounded in count and
+        # size: keys come from clients).
+        if len(_order_cache) < 1024 and sum(len(key) for key in keys) <= 256:
+            _order_cache[keys] = order
+    return list(order)
+
+
+_order_cache: dict[tuple, list[str]] = {}
 
 
 # ---------------------------------------------------------------------------

@@ -211,6 +211,9 @@ class Budget:
 _ENABLED = type("_Enabled", (), {"enabled": True})()
 
 
+_decode_json = json.JSONDecoder().decode
+
+
 def _not_available(why: str) -> str:
     return "Guest agent is not available: " + why
 
@@ -763,7 +766,12 @@ class Router:
 
     def _on_line(self, raw: bytes, now: float) -> None:
         try:
-            value = json.loads(raw)
+            try:
+                # The agent writes ASCII (it escapes the rest); str input
+                # spares json.loads its encoding detection.
+                value = _decode_json(raw.decode("ascii"))
+            except UnicodeDecodeError:
+                value = json.loads(raw)
         except ValueError:
             self.observer.garbage(len(raw))
             return
