@@ -540,7 +540,8 @@ class ReplyDecoder:
                 events.append(Overflow(self._discarding + nl - start))
                 self._discarding = 0
             else:
-                line = bytes(buf[start:nl])
+                with memoryview(buf) as view:  # one copy, even of a 64 MiB line
+                    line = view[start:nl].tobytes()
                 if line.strip():
                     events.append(Line(line))
             start = pos = nl + 1

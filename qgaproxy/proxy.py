@@ -431,7 +431,7 @@ class Proxy:
             self.metrics.bytes_agent_out.inc(len(data))
             sent = _write_now(self._up_fd, data)
             if sent < len(data):
-                self._up_rest = data[sent:]
+                self._up_rest = memoryview(data)[sent:]  # no copy of a large write
                 return
             router.upstream_write_done(now)
 
@@ -444,7 +444,7 @@ class Proxy:
         session.readable.set()
         sent = _write_now(session.fd, data)
         if sent < len(data):
-            session.rest = data[sent:]
+            session.rest = memoryview(data)[sent:]  # no copy of a large reply
 
     # -- running -------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -658,7 +658,7 @@ class Proxy:
                 await self._upstream_wake.wait()
             if self._up_rest:
                 # The rest of a write made on the spot (see _after).
-                data, self._up_rest = self._up_rest, b""
+                data, self._up_rest = self._up_rest, b""  # (a memoryview)
             else:
                 data = router.take_upstream_write(trio.current_time())
                 self.metrics.bytes_agent_out.inc(len(data))

@@ -29,15 +29,15 @@ from __future__ import annotations
 import heapq
 import json
 import random
+import re
+import time
 from collections import deque
 from typing import Any, Callable, Mapping
 
 import attrs
 
-import time
-
 from . import codec, messages, negotiation
-from .freezeguard import DEFAULT_MAX_FROZEN, FreezeGuard
+from .freezeguard import DEFAULT_MAX_FROZEN, FREEZE_COMMANDS, FreezeGuard
 from .isolation import Ownership
 from .messages import Request
 from .policy import OPEN, Policy
@@ -212,6 +212,17 @@ _ENABLED = type("_Enabled", (), {"enabled": True})()
 
 
 _decode_json = json.JSONDecoder().decode
+
+# Replies longer than this are forwarded without parsing when nothing here
+# needs their content (see Router._forward_unparsed).
+LARGE_REPLY = 1 << 20
+_TAIL_ID = re.compile(rb', "id": (\d+)\}\s*$')
+_UNPARSED_RETURN = {"return": None}
+# Commands whose results the router learns from (isolation, freeze guard).
+_NEEDS_VALUE = frozenset(
+    {"guest-file-open", "guest-file-close", "guest-exec", "guest-exec-status", "guest-fsfreeze-status",
+     "guest-fsfreeze-thaw"}
+) | FREEZE_COMMANDS
 
 
 def _not_available(why: str) -> str:
@@ -765,6 +776,8 @@ class Router:
                 self.observer.garbage(event.dropped)
 
     def _on_line(self, raw: bytes, now: float) -> None:
+        if len(raw) > LARGE_REPLY and self._forward_unparsed(raw, now):
+            return
         try:
             try:
                 # The agent writes ASCII (it escapes the rest); str input
@@ -799,6 +812,28 @@ class Router:
                 self.observer.stale_reply("no request waits for it")
             return
         self._complete(call, raw, value, now)
+
+    def _forward_unparsed(self, raw: bytes, now: float) -> bool:
+        """A large reply (guest-file-read's, up to 64 MiB) that nothing here
+        needs to look into goes to its client without being parsed: only
+        its id is read, from its end, where the agent writes it."""
+        if self.upstream.syncing or self.trace or not self._echoes() or not raw.startswith(b'{"return": '):
+            return False
+        m = _TAIL_ID.search(raw, len(raw) - 64)
+        if m is None:
+            return False
+        call = self._pending.get(int(m.group(1)))
+        if (
+            call is None
+            or call.done
+            or call.on_reply is not None
+            or call.client.internal
+            or call.request.execute in _NEEDS_VALUE
+        ):
+            return False
+        del self._pending[call.up_id]
+        self._complete(call, raw, _UNPARSED_RETURN, now)
+        return True
 
     def _complete(self, call: Call, raw: bytes, value: dict, now: float) -> None:
         call.done = True

@@ -813,3 +813,49 @@ async def test_proxy_idles_while_waiting(real_agent, waiting_for):
                         await wait_ready(proxy)
     finally:
         real_agent.proc.send_signal(signal.SIGCONT)
+
+
+async def test_large_reads_byte_for_byte(real_agent):
+    """Replies over a MiB go to their client without being parsed (only the
+    id at their end is read): still byte for byte the agent's, with each
+    client's own id of any kind, also several in flight at once."""
+    tmp = tempfile.mkdtemp(prefix="qgaproxy-large-")
+    os.chmod(tmp, 0o755)
+    path = os.path.join(tmp, "large.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 << 20))
+    os.chmod(path, 0o644)
+    ids = [b'"s"', b"7", b'{"k": [1, "x"]}', b"null", None]
+
+    def requests(handle: bytes) -> list[bytes]:
+        out = []
+        for i, ident in enumerate(ids):
+            member = b', "id": %s' % ident if ident is not None else b""
+            out.append(b'{"execute": "guest-file-seek", "arguments": {"handle": %s, "offset": %d, "whence": "set"}}\n' % (handle, i))
+            out.append(b'{"execute": "guest-file-read", "arguments": {"handle": %s, "count": %d}%s}\n'
+                       % (handle, (1 << 20) + 4096 * i, member))
+        return out
+
+    open_req = b'{"execute": "guest-file-open", "arguments": {"path": "%s", "mode": "r"}}\n' % path.encode()
+    try:
+        with real_agent.connect(timeout=STEP) as conn:
+            conn.sync()
+            direct_handle = conn.request(open_req).split(b" ")[1].rstrip(b"}\n")
+            direct = [conn.request(r) for r in requests(direct_handle)]
+            conn.request(b'{"execute": "guest-file-close", "arguments": {"handle": %s}}\n' % direct_handle)
+        assert all(len(line) > (1 << 20) for line in direct[1::2]), [line[:120] for line in direct]
+
+        async with run_proxy("unix:" + str(real_agent.path)) as proxy:
+            with trio.fail_after(STEP):
+                await wait_ready(proxy)
+            async with await Client.connect(proxy.config.listen[0]) as client:
+                await client.send(open_req)
+                (opened,) = await proxy_lines(client, 1)
+                handle = opened.split(b" ")[1].rstrip(b"}\n")
+                # All at once: the reads are in flight together.
+                await client.send(b"".join(requests(handle)))
+                got = await proxy_lines(client, len(direct))
+        assert got == direct
+    finally:
+        os.unlink(path)
+        os.rmdir(tmp)

@@ -1,0 +1,688 @@
+"""qgaproxy's benchmark suite, measured side by side in one run.
+
+Against the real qemu-ga on this host, the simulated agent with a fixed
+per-request latency, and (when it can boot here) the real agent in a QEMU
+VM, it measures:
+
+  (a) sequential guest-ping round trips: direct, through a zero-logic byte
+      relay (bench/relay.py: the floor under any user-space proxy), and
+      through the proxy; p50 and p99;
+  (b) requests per second with 1, 4, 16 and 64 clients through the proxy,
+      against one client pipelining directly;
+  (c) the ways people share an agent today, with 16 clients: Proxmox-style
+      (a new connection, guest-sync-delimited and the command in one write,
+      close; serialized by a lock) and libvirt-style (one shared connection,
+      guest-sync then the command, one at a time), against the proxy;
+  (d) a 48 MiB guest-file-read reply (simulated agent): direct and through
+      the proxy, with the proxy's peak RSS;
+  (e) the proxy's RSS with 1,000 and 10,000 idle clients;
+  (f) the time from a request's timeout to the next successful reply, with
+      a healthy agent (the simulated one, which drops one reply on demand).
+
+Every process is separate: the proxy (`python -m qgaproxy serve`), the
+relay, the agents and every client (forked workers with blocking sockets),
+so no client shares an interpreter with what it measures.
+
+    python bench/suite.py                 # the full run (a few minutes)
+    python bench/suite.py --quick --out DIR   # a smoke run (what CI runs)
+
+Writes results.json, results.md and results.png to --out (default
+bench/results) and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "vm"))
+
+from realagent import RealAgent  # noqa: E402
+
+PING = b'{"execute":"guest-ping"}\n'
+PONG = b'{"return": {}}\n'
+BIG = 48 << 20  # qemu-ga's largest guest-file-read count
+SIM_LATENCY = 0.001  # the simulated agent's fixed time per request, seconds
+CTX = multiprocessing.get_context("fork")
+
+
+# -- plain blocking clients ------------------------------------------------------------
+
+def connect(path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s.connect(str(path))
+            return s
+        except BlockingIOError:  # the listen backlog is full: the server is accepting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
+def read_line(s: socket.socket, buf: bytearray) -> bytes:
+    while True:
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            line = bytes(buf[: nl + 1])
+            del buf[: nl + 1]
+            return line
+        data = s.recv(1 << 20)
+        if not data:
+            raise EOFError("connection closed")
+        buf += data
+
+
+def sync(s: socket.socket, buf: bytearray) -> None:
+    """0xFF + guest-sync-delimited; skip everything up to its reply."""
+    ident = random.randrange(1 << 40)
+    s.sendall(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":%d}}\n' % ident)
+    want = b'{"return": %d}' % ident
+    while True:
+        line = read_line(s, buf).lstrip(b"\xff")
+        if line.startswith(want):
+            return
+
+
+def sequential(path, n: int) -> list[float]:
+    s = connect(path)
+    buf = bytearray()
+    sync(s, buf)
+    for _ in range(min(200, n)):  # warm-up
+        s.sendall(PING)
+        read_line(s, buf)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        s.sendall(PING)
+        line = read_line(s, buf)
+        times.append(time.perf_counter() - t)
+        assert line == PONG, line
+    s.close()
+    return times
+
+
+def pipelining(path, seconds: float, depth: int = 32) -> float:
+    """One client keeping `depth` pings in flight: the agent's own ceiling."""
+    s = connect(path)
+    buf = bytearray()
+    sync(s, buf)
+    s.sendall(PING * depth)
+    done = 0
+    pending = b""
+    start = time.perf_counter()
+    end = start + seconds
+    while depth:
+        pending += s.recv(1 << 16)
+        lines = pending.count(b"\n")
+        if lines:
+            pending = pending[pending.rfind(b"\n") + 1 :]
+            done += lines
+            if time.perf_counter() < end:
+                s.sendall(PING * lines)
+            else:
+                depth -= lines
+    elapsed = time.perf_counter() - start
+    s.close()
+    return done / elapsed
+
+
+def _run_workers(target, args, clients: int, seconds: float) -> float:
+    """Start `clients` forked workers, release them together, sum their counts."""
+    barrier = CTX.Barrier(clients + 1)
+    results = CTX.Queue()
+    procs = [CTX.Process(target=target, args=(barrier, results, seconds) + args) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=60)
+    start = time.perf_counter()
+    total = 0
+    for _ in procs:
+        total += results.get(timeout=seconds + 60)
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join(10)
+    return total / elapsed
+
+
+def _proxy_worker(barrier, results, seconds, path) -> None:
+    s = connect(path)
+    buf = bytearray()
+    barrier.wait()
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        s.sendall(PING)
+        read_line(s, buf)
+        n += 1
+    s.close()
+    results.put(n)
+
+
+def through_proxy(path, clients: int, seconds: float) -> float:
+    """`clients` processes, each with its own connection, one request at a time."""
+    return _run_workers(_proxy_worker, (str(path),), clients, seconds)
+
+
+def _proxmox_worker(barrier, results, seconds, path, lock) -> None:
+    barrier.wait()
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        with lock:  # Proxmox serializes agent commands per VM
+            s = connect(path)
+            ident = random.randrange(1 << 40)
+            s.sendall(b'{"execute":"guest-sync-delimited","arguments":{"id":%d}}\n' % ident + PING)
+            data = b""
+            while True:  # everything up to the last 0xFF goes; then two lines
+                data += s.recv(65536)
+                tail = data[data.rfind(b"\xff") + 1 :]
+                if tail.count(b"\n") >= 2:
+                    break
+            s.close()
+        n += 1
+    results.put(n)
+
+
+def proxmox_style(path, clients: int, seconds: float) -> float:
+    return _run_workers(_proxmox_worker, (str(path), CTX.Lock()), clients, seconds)
+
+
+def _libvirt_worker(barrier, results, seconds, sock, lock, shared) -> None:
+    barrier.wait()
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        with lock:  # libvirt's per-domain agent lock: one command at a time
+            buf = shared
+            ident = int(time.time() * 1000) * 1000 + random.randrange(1000)
+            sock.sendall(b'{"execute":"guest-sync","arguments":{"id":%d}}\n' % ident)
+            want = b'{"return": %d}' % ident
+            while not read_line(sock, buf).startswith(want):
+                pass  # libvirt ignores syncs with the wrong id
+            sock.sendall(PING)
+            read_line(sock, buf)
+        n += 1
+    results.put(n)
+
+
+def libvirt_style(path, clients: int, seconds: float) -> float:
+    sock = connect(path)
+    buf = bytearray()
+    sync(sock, buf)
+    try:
+        # One connection shared by every worker (forked), as libvirtd shares
+        # its one agent connection among all its callers.
+        return _run_workers(_libvirt_worker, (sock, CTX.Lock(), buf), clients, seconds)
+    finally:
+        sock.close()
+
+
+def big_read(path, guest_path: str) -> tuple[float, int]:
+    """guest-file-open/read(48 MiB)/close; returns (seconds of the read, bytes)."""
+    s = connect(path)
+    buf = bytearray()
+    sync(s, buf)
+    s.sendall(b'{"execute":"guest-file-open","arguments":{"path":"%s","mode":"r"}}\n' % guest_path.encode())
+    handle = json.loads(read_line(s, buf))["return"]
+    t = time.perf_counter()
+    s.sendall(b'{"execute":"guest-file-read","arguments":{"handle":%d,"count":%d}}\n' % (handle, BIG))
+    line = read_line(s, buf)
+    elapsed = time.perf_counter() - t
+    s.sendall(b'{"execute":"guest-file-close","arguments":{"handle":%d}}\n' % handle)
+    read_line(s, buf)
+    s.close()
+    assert line.startswith(b'{"return": {"count": %d' % BIG), line[:80]
+    return elapsed, len(line)
+
+
+def timeout_recovery(path, rounds: int) -> list[float]:
+    """The simulated agent drops guest-get-time's reply: the proxy times the
+    request out and resyncs. Seconds from that timeout error reaching the
+    client to the reply of a guest-ping sent at once after it."""
+    s = connect(path)
+    buf = bytearray()
+    out = []
+    for _ in range(rounds):
+        s.sendall(b'{"execute":"guest-get-time"}\n')
+        line = read_line(s, buf)
+        assert b"timed out" in line, line
+        t = time.perf_counter()
+        s.sendall(PING)
+        line = read_line(s, buf)
+        out.append(time.perf_counter() - t)
+        assert line == PONG, line
+    s.close()
+    return out
+
+
+# -- processes ---------------------------------------------------------------------------
+
+def rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes."""
+    fields = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out waiting for " + what)
+        time.sleep(0.02)
+
+
+def _answers(path) -> bool:
+    try:
+        s = connect(path)
+        s.settimeout(2)
+        buf = bytearray()
+        sync(s, buf)
+        s.close()
+        return True
+    except (OSError, EOFError):
+        return False
+
+
+@contextlib.contextmanager
+def process(argv, ready_path, what: str):
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: proc.poll() is None and os.path.exists(ready_path) and _answers(ready_path), 30, what)
+        yield proc
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError("%s did not start: %s" % (what, proc.stderr.read().decode()[-2000:]))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def proxy(upstream_path, tmp: Path, *extra: str):
+    listen = tmp / ("proxy-%d.sock" % random.randrange(1 << 30))
+    argv = [sys.executable, "-m", "qgaproxy", "serve", "--upstream", "unix:%s" % upstream_path,
+            "--listen", str(listen), "--log-level", "warning", *extra]
+    return process(argv, listen, "the proxy"), listen
+
+
+def relay(upstream_path, tmp: Path):
+    listen = tmp / ("relay-%d.sock" % random.randrange(1 << 30))
+    argv = [sys.executable, str(ROOT / "bench" / "relay.py"), str(upstream_path), str(listen)]
+    return process(argv, listen, "the relay"), listen
+
+
+def sim(tmp: Path, *extra: str):
+    listen = tmp / ("sim-%d.sock" % random.randrange(1 << 30))
+    argv = [sys.executable, "-m", "qgaproxy.sim", "--listen", str(listen), *extra]
+    return process(argv, listen, "the simulated agent"), listen
+
+
+# -- the run -------------------------------------------------------------------------------
+
+def summary(times: list[float]) -> dict:
+    times = sorted(times)
+    return {
+        "p50_us": round(statistics.median(times) * 1e6, 1),
+        "p99_us": round(times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6, 1),
+        "n": len(times),
+    }
+
+
+def machine() -> dict:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    qga = subprocess.run(["/usr/sbin/qemu-ga", "-V"], capture_output=True, text=True).stdout.strip()
+    import trio
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "qemu_ga": qga.split("\n")[0],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class Run:
+    def __init__(self, quick: bool, vm: bool):
+        self.quick = quick
+        self.want_vm = vm
+        self.pings = 300 if quick else 5000
+        self.seconds = 0.3 if quick else 2.0
+        self.tmp = Path(tempfile.mkdtemp(prefix="qgaproxy-bench-"))
+        self.r: dict = {"machine": machine(), "quick": quick}
+
+    def log(self, *args) -> None:
+        print(*args, file=sys.stderr, flush=True)
+
+    # (a) and (b) and (c) on one agent socket
+    def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True) -> None:
+        out = self.r.setdefault(name, {})
+        pings = self.pings if name != "sim" else max(100, self.pings // 10)
+        self.log("[%s] sequential: direct" % name)
+        out["direct"] = summary(sequential(agent_path, pings))
+        out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
+        if styles:
+            self.log("[%s] Proxmox-style and libvirt-style, 16 clients" % name)
+            out["proxmox_style_16_rps"] = round(proxmox_style(agent_path, 16, self.seconds))
+            out["libvirt_style_16_rps"] = round(libvirt_style(agent_path, 16, self.seconds))
+        self.log("[%s] sequential: relay" % name)
+        ctx, listen = relay(agent_path, self.tmp)
+        with ctx:
+            out["relay"] = summary(sequential(listen, pings))
+        self.log("[%s] sequential and clients: proxy" % name)
+        ctx, listen = proxy(agent_path, self.tmp)
+        with ctx:
+            out["proxy"] = summary(sequential(listen, pings))
+            out["proxy_clients_rps"] = {str(n): round(through_proxy(listen, n, self.seconds)) for n in clients}
+
+    def host(self) -> None:
+        with RealAgent(verbose=False) as agent:
+            self.agent_figures("host", agent.path)
+
+    def simulated(self) -> None:
+        ctx, path = sim(self.tmp, "--latency", str(SIM_LATENCY))
+        with ctx:
+            self.agent_figures("sim", path, clients=(1, 4, 16) if self.quick else (1, 4, 16, 64))
+        self.r["sim"]["latency_ms"] = SIM_LATENCY * 1e3
+
+    def vm(self) -> None:
+        import vm as qgavm
+
+        reason = qgavm.unavailable_reason()
+        if reason or not self.want_vm:
+            self.r["vm"] = {"skipped": reason or "--no-vm"}
+            return
+        self.log("[vm] booting")
+        with qgavm.VM(cache=qgavm.build()) as machine_:
+            pings = max(200, self.pings // 5)
+            out = self.r.setdefault("vm", {})
+            out["direct"] = summary(sequential(machine_.agent_sock, pings))
+            ctx, listen = relay(machine_.agent_sock, self.tmp)
+            with ctx:
+                out["relay"] = summary(sequential(listen, pings))
+            ctx, listen = proxy(machine_.agent_sock, self.tmp)
+            with ctx:
+                out["proxy"] = summary(sequential(listen, pings))
+            out["direct_again"] = summary(sequential(machine_.agent_sock, pings))
+
+    def big(self) -> None:
+        host_file = self.tmp / "big.bin"
+        with open(host_file, "wb") as f:
+            f.write(os.urandom(BIG))
+        ctx, path = sim(self.tmp, "--file", "/big.bin=@%s" % host_file)
+        out = self.r.setdefault("big_read", {"bytes": BIG})
+        with ctx:
+            self.log("[48 MiB] direct")
+            direct = [big_read(path, "/big.bin")[0] for _ in range(1 if self.quick else 3)]
+            out["direct_s"] = round(min(direct), 3)
+            self.log("[48 MiB] proxy")
+            pctx, listen = proxy(path, self.tmp)
+            with pctx as proc:
+                idle, _ = rss(proc.pid)
+                through = []
+                for _ in range(1 if self.quick else 3):
+                    elapsed, size = big_read(listen, "/big.bin")
+                    through.append(elapsed)
+                _, hwm = rss(proc.pid)
+            out["proxy_s"] = round(min(through), 3)
+            out["reply_line_bytes"] = size
+            out["proxy_idle_rss_mib"] = round(idle / 2**20, 1)
+            out["proxy_peak_rss_mib"] = round(hwm / 2**20, 1)
+        host_file.unlink()
+
+    def idle_clients(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        counts = (1000,) if self.quick else (1000, 10000)
+        need = max(counts) + 200
+        if hard < need:
+            self.r["idle_clients"] = {"skipped": "RLIMIT_NOFILE hard limit %d < %d" % (hard, need)}
+            return
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))  # the proxy inherits it
+        ctx, path = sim(self.tmp)
+        out = self.r.setdefault("idle_clients", {})
+        with ctx:
+            pctx, listen = proxy(path, self.tmp)
+            with pctx as proc:
+                base, _ = rss(proc.pid)
+                out["proxy_rss_0_mib"] = round(base / 2**20, 1)
+                socks = []
+                for n in counts:
+                    self.log("[idle] %d clients" % n)
+                    while len(socks) < n:
+                        socks.append(connect(listen))
+                    # Every connection accepted and served: a ping on the last one.
+                    probe = socks[-1]
+                    probe.sendall(PING)
+                    assert read_line(probe, bytearray()) == PONG
+                    wait_for(lambda: _clients(proc.pid) >= n, 60, "the proxy to hold %d clients" % n)
+                    now, _ = rss(proc.pid)
+                    out["proxy_rss_%d_mib" % n] = round(now / 2**20, 1)
+                    out["per_client_kib_%d" % n] = round((now - base) / n / 1024, 1)
+                for s in socks:
+                    s.close()
+
+    def recovery(self) -> None:
+        ctx, path = sim(self.tmp, "--drop", "guest-get-time")
+        out = self.r.setdefault("timeout_recovery", {})
+        with ctx:
+            pctx, listen = proxy(path, self.tmp, "--request-timeout", "0.2")
+            with pctx:
+                rounds = 3 if self.quick else 20
+                out["after_timeout"] = summary(timeout_recovery(listen, rounds))
+                out["round_trip"] = summary(sequential(listen, self.pings))
+
+    def all(self) -> dict:
+        for step in (self.host, self.simulated, self.vm, self.big, self.idle_clients, self.recovery):
+            step()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.r["targets"] = targets(self.r)
+        return self.r
+
+
+def _clients(pid: int) -> int:
+    """Sockets the proxy holds (a lower bound on its clients)."""
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        with contextlib.suppress(OSError):
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:"):
+                n += 1
+    return n
+
+
+# -- targets and report --------------------------------------------------------------------
+
+def targets(r: dict) -> list[dict]:
+    rows = []
+
+    def row(what, value, limit, op, unit=""):
+        ok = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        rows.append({"target": what, "value": value, "limit": "%s %s%s" % (op, limit, unit), "met": ok})
+
+    host = r.get("host", {})
+    if host:
+        row("(a) host: proxy p50 / relay p50", round(host["proxy"]["p50_us"] / host["relay"]["p50_us"], 2), 1.3, "<=")
+        row("(b) host: 16 clients / direct pipelining",
+            round(host["proxy_clients_rps"]["16"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        row("(c) host: proxy 16 clients / Proxmox-style",
+            round(host["proxy_clients_rps"]["16"] / host["proxmox_style_16_rps"], 1), 10, ">=")
+        row("(c) host: proxy 16 clients / libvirt-style",
+            round(host["proxy_clients_rps"]["16"] / host["libvirt_style_16_rps"], 1), 2, ">=")
+    vm = r.get("vm", {})
+    if "proxy" in vm:
+        direct = min(vm["direct"]["p50_us"], vm["direct_again"]["p50_us"])
+        row("(a) VM: proxy p50 / direct p50", round(vm["proxy"]["p50_us"] / direct, 2), 1.1, "<=")
+    big = r.get("big_read", {})
+    if big:
+        row("(d) 48 MiB: proxy / direct", round(big["proxy_s"] / big["direct_s"], 2), 1.5, "<=")
+        row("(d) 48 MiB: proxy peak RSS / reply size", round(big["proxy_peak_rss_mib"] * 2**20 / big["reply_line_bytes"], 2), 3, "<=")
+    idle = r.get("idle_clients", {})
+    for key in ("per_client_kib_1000", "per_client_kib_10000"):
+        if key in idle:
+            row("(e) KiB per idle client (%s)" % key.rsplit("_", 1)[1], idle[key], 16, "<=", " KiB")
+    rec = r.get("timeout_recovery", {})
+    if rec:
+        limit = round(10_000 + rec["round_trip"]["p50_us"])
+        row("(f) timeout -> next reply, p50 (us)", rec["after_timeout"]["p50_us"], limit, "<=", " us")
+    return rows
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    out = ["# qgaproxy benchmark%s" % (" (quick smoke run: figures not meaningful)" if r["quick"] else ""), ""]
+    out.append("Machine: %s, %d cores, Linux %s, Python %s, trio %s, %s; load average at start %s; %s." % (
+        m["cpu"], m["cores"], m["kernel"], m["python"], m["trio"], m["qemu_ga"],
+        " ".join(map(str, m["load_average_at_start"])), m["measured_at"]))
+    out += ["", "## (a) Sequential guest-ping round trip (µs)", "",
+            "| agent | direct p50 | relay p50 | proxy p50 | direct p99 | relay p99 | proxy p99 |",
+            "|---|---|---|---|---|---|---|"]
+    for name, label in (("host", "qemu-ga on the host"), ("sim", "simulated, %g ms per request" % (SIM_LATENCY * 1e3)),
+                        ("vm", "qemu-ga in a QEMU VM (TCG)")):
+        a = r.get(name, {})
+        if "proxy" in a:
+            out.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+                label, a["direct"]["p50_us"], a["relay"]["p50_us"], a["proxy"]["p50_us"],
+                a["direct"]["p99_us"], a["relay"]["p99_us"], a["proxy"]["p99_us"]))
+        elif a.get("skipped"):
+            out.append("| %s | skipped: %s | | | | | |" % (label, a["skipped"]))
+    out += ["", "## (b) Requests per second", "",
+            "| agent | direct, 1 client pipelining | proxy, 1 | 4 | 16 | 64 clients |", "|---|---|---|---|---|---|"]
+    for name in ("host", "sim"):
+        a = r.get(name, {})
+        if a:
+            c = a["proxy_clients_rps"]
+            out.append("| %s | %s | %s |" % (name, a["direct_pipelining_rps"],
+                                            " | ".join(str(c.get(k, "-")) for k in ("1", "4", "16", "64"))))
+    out += ["", "## (c) Sharing one agent among 16 clients (requests per second)", "",
+            "| agent | Proxmox-style | libvirt-style | through the proxy |", "|---|---|---|---|"]
+    for name in ("host", "sim"):
+        a = r.get(name, {})
+        if a:
+            out.append("| %s | %s | %s | %s |" % (name, a["proxmox_style_16_rps"], a["libvirt_style_16_rps"],
+                                                a["proxy_clients_rps"]["16"]))
+    big = r.get("big_read", {})
+    if big:
+        out += ["", "## (d) One 48 MiB guest-file-read reply (simulated agent)", "",
+                "| direct | through the proxy | reply line | proxy RSS idle | proxy peak RSS |", "|---|---|---|---|---|",
+                "| %s s | %s s | %.1f MiB | %s MiB | %s MiB |" % (big["direct_s"], big["proxy_s"], big["reply_line_bytes"] / 2**20,
+                                                           big["proxy_idle_rss_mib"], big["proxy_peak_rss_mib"])]
+    idle = r.get("idle_clients", {})
+    if idle and not idle.get("skipped"):
+        out += ["", "## (e) Idle clients", "", "| clients | proxy RSS | per client |", "|---|---|---|",
+                "| 0 | %s MiB | |" % idle["proxy_rss_0_mib"]]
+        for n in (1000, 10000):
+            if "proxy_rss_%d_mib" % n in idle:
+                out.append("| %d | %s MiB | %s KiB |" % (n, idle["proxy_rss_%d_mib" % n], idle["per_client_kib_%d" % n]))
+    rec = r.get("timeout_recovery", {})
+    if rec:
+        out += ["", "## (f) From a request timeout to the next reply (healthy simulated agent)", "",
+                "| timeout -> next reply p50 | p99 (of %d) | one round trip p50 |" % rec["after_timeout"]["n"], "|---|---|---|",
+                "| %s µs | %s µs | %s µs |" % (rec["after_timeout"]["p50_us"], rec["after_timeout"]["p99_us"],
+                                            rec["round_trip"]["p50_us"])]
+    out += ["", "## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for t in r["targets"]:
+        out.append("| %s | %s | %s | %s |" % (t["target"], t["value"], t["limit"],
+                                           {True: "yes", False: "no", None: "-"}[t["met"]]))
+    return "\n".join(out) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ax = axes[0]
+    names = [n for n in ("host", "sim", "vm") if "proxy" in r.get(n, {})]
+    width = 0.25
+    for i, kind in enumerate(("direct", "relay", "proxy")):
+        ax.bar([j + (i - 1) * width for j in range(len(names))], [r[n][kind]["p50_us"] for n in names], width, label=kind)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs (log)")
+    ax.set_title("(a) sequential guest-ping, p50")
+    ax.legend()
+    ax = axes[1]
+    for name in ("host", "sim"):
+        if name in r:
+            c = r[name]["proxy_clients_rps"]
+            ks = sorted(c, key=int)
+            line, = ax.plot([int(k) for k in ks], [c[k] for k in ks], marker="o", label="%s: proxy" % name)
+            ax.axhline(r[name]["direct_pipelining_rps"], linestyle="--", color=line.get_color(),
+                       label="%s: direct, pipelining" % name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clients")
+    ax.set_ylabel("requests/s")
+    ax.set_title("(b) aggregate rate")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    names = [n for n in ("host", "sim") if n in r]
+    for i, (key, label) in enumerate((("proxmox_style_16_rps", "Proxmox-style"), ("libvirt_style_16_rps", "libvirt-style"), (None, "proxy"))):
+        values = [r[n][key] if key else r[n]["proxy_clients_rps"]["16"] for n in names]
+        ax.bar([j + (i - 1) * width for j in range(len(names))], values, width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set_ylabel("requests/s (log)")
+    ax.set_title("(c) 16 clients sharing one agent")
+    ax.legend(fontsize=8)
+    m = r["machine"]
+    fig.suptitle("qgaproxy, %s, %d cores, %s" % (m["cpu"], m["cores"], m["measured_at"]), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, short runs")
+    parser.add_argument("--no-vm", action="store_true", help="skip the QEMU VM")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    results = Run(args.quick, not args.no_vm).all()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (args.out / "results.md").write_text(text)
+    plot(results, args.out / "results.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
