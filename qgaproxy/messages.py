@@ -182,27 +182,28 @@ def rewrite_id(raw: bytes, upstream_id: bytes | None, client_id: bytes | None, k
     text the proxy sent (None if it sent none); client_id the client's id
     text (None if it sent none). Only the id changes: the rest of the
     reply, however large, is passed on as the agent wrote it."""
+    # Pieces joined once, the agent's text through a memoryview: a 64 MiB
+    # reply costs one copy, not one per concatenation.
     id_first = _ID_FIRST[kind]
+    view = memoryview(raw)
     if upstream_id is not None:
         if id_first:
             prefix = b'{"id": ' + upstream_id + b", "
             if not raw.startswith(prefix):
                 return _rewrite_slow(raw, client_id)
-            body = raw[len(prefix) :]  # '"error": ...}'
             head = b"{" if client_id is None else b'{"id": ' + client_id + b", "
-            return head + body + b"\n"
+            return b"".join((head, view[len(prefix) :], b"\n"))  # body: '"error": ...}'
         suffix = b', "id": ' + upstream_id + b"}"
         if not raw.endswith(suffix):
             return _rewrite_slow(raw, client_id)
-        body = raw[: -len(suffix)]  # '{"return": ...'
         tail = b"}" if client_id is None else b', "id": ' + client_id + b"}"
-        return body + tail + b"\n"
+        return b"".join((view[: -len(suffix)], tail, b"\n"))  # body: '{"return": ...'
     # The agent was sent no id: add the client's where the agent would.
     if client_id is None:
         return raw + b"\n"
     if id_first:
-        return b'{"id": ' + client_id + b", " + raw[1:] + b"\n"
-    return raw[:-1] + b', "id": ' + client_id + b"}\n"
+        return b"".join((b'{"id": ', client_id, b", ", view[1:], b"\n"))
+    return b"".join((view[:-1], b', "id": ', client_id, b"}\n"))
 
 
 def _rewrite_slow(raw: bytes, client_id: bytes | None) -> bytes:
