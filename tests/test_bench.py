@@ -1,0 +1,41 @@
+"""The benchmark suite's smoke run: every section runs end to end against
+the real agent, the simulated agent and (when it boots here) the VM, and
+writes its table, plot and figures. No timing is asserted: the figures of a
+run this short mean nothing; bench/suite.py without --quick measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.real_agent
+
+
+def test_benchmark_suite_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for agent in ("host", "sim"):
+        a = results[agent]
+        for kind in ("direct", "relay", "proxy"):
+            assert a[kind]["p50_us"] > 0 and a[kind]["n"] > 0
+        assert set(a["proxy_clients_rps"]) >= {"1", "4", "16"}
+        assert a["proxmox_style_16_rps"] > 0 and a["libvirt_style_16_rps"] > 0
+    assert "proxy" in results["vm"] or results["vm"].get("skipped")
+    big = results["big_read"]
+    assert big["reply_line_bytes"] > big["bytes"]  # base64 of 48 MiB came through whole
+    assert results["idle_clients"]["per_client_kib_1000"] > 0
+    assert results["timeout_recovery"]["after_timeout"]["n"] == 3
+    assert {t["target"][:3] for t in results["targets"]} >= {"(a)", "(b)", "(c)", "(d)", "(e)", "(f)"}
+    table = (tmp_path / "results.md").read_text()
+    assert "## Targets" in table and "| (f)" in table
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
