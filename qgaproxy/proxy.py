@@ -394,7 +394,10 @@ class Proxy:
     def _after(self) -> None:
         router = self.router
         if router.wants_write():
-            if self._up_fd >= 0 and not self._up_sending and not self._up_rest:
+            # On the spot when the agent is idle: that is the latency a lone
+            # request sees. When it is busy anyway, the writer task's next
+            # turn sends everything the clients queued meanwhile in one write.
+            if self._up_fd >= 0 and not self._up_sending and not self._up_rest and not router.in_flight():
                 self._write_upstream_now()
             if router.wants_write() or self._up_rest:
                 self._upstream_wake.set()

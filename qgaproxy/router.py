@@ -893,6 +893,13 @@ class Router:
         """What a reply tells about the guest: who owns what, frozen or not,
         the agent's text for a disabled command."""
         request = call.request
+        if (
+            request.execute not in _NEEDS_VALUE
+            and not self.freeze.frozen
+            and not call.client.gone
+            and "error" not in value
+        ):
+            return  # an ordinary reply: nothing to learn, nothing to thaw
         self.ownership.on_reply(call.client, request, value)
         was_frozen = self.freeze.frozen
         self.freeze.on_reply(None if call.client.internal else call.client, request, value, now)
