@@ -222,3 +222,23 @@ def test_token_count_limit_at_and_over():
     assert isinstance(ok[0], Value) and len(ok[0].value) == (codec.MAX_TOKEN_COUNT - 2) // 2
     over = events(RequestDecoder(), array(codec.MAX_TOKEN_COUNT + 1))
     assert over[0] == ParseError(codec.COUNT_LIMIT_DESC, oversize=True)
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_a_bare_zero_takes_no_exponent_however_the_bytes_arrive(step):
+    # Measured against qemu-ga 7.2: its lexer has no exponent after a bare 0,
+    # so "0E+2" is 0 then a stray 'E', and "0e5" is 0 then a keyword. Found
+    # by fuzzing: a whole read once took both as the double 0.0.
+    data = (
+        b'{"execute": "guest-ping", "id": 0E+2}\n'
+        b'{"execute": "guest-ping", "id": 0e5}\n'
+        b'{"execute": "guest-ping", "id": 1}\n'
+        b'{"execute": "guest-ping", "id": 0.5e1}\n'
+    )
+    assert values(events(RequestDecoder(), data, step)) == [
+        ParseError("JSON parse error, stray 'E'"),
+        ParseError("JSON parse error, expecting value"),
+        ParseError("JSON parse error, expected separator in dict"),
+        {"execute": "guest-ping", "id": 1},
+        {"execute": "guest-ping", "id": 5.0},
+    ]
