@@ -123,7 +123,7 @@ json_values = st.recursive(
 stream_pieces = st.one_of(
     st.sampled_from(WIRE_INPUTS),
     st.binary(max_size=24),
-    st.sampled_from([b"\xff", b"\xfe", b"{", b"}", b"[", b"]", b'"', b"'", b"\\", b"\n", b" ", b"\x00", b"1", b"e", b"-"]),
+    st.sampled_from([b"\xff", b"\xfe", b"{", b"}", b"[", b"]", b'"', b"'", b"\\", b"\n", b" ", b"\x00", b"1", b"0", b"e", b"E", b"+", b".", b"-"]),
     json_values.map(lambda v: qjson.dumpb(v, qdict_order=False)),
 )
 streams = st.lists(stream_pieces, max_size=12).map(b"".join)
