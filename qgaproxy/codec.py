@@ -102,10 +102,11 @@ _RECOVERY_RUN = re.compile(rb"[\x09\x20-\x2b\x2d-\x39\x3b-\x5a\x5c\x5e-\x7a\x7c\
 _WS_RUN = re.compile(rb"[ \t\r\n]+")
 _INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
 # A whole token in one step, when it is plainly complete: a string, or a
-# number/keyword followed by a byte that can only end it.
+# number/keyword followed by a byte that can only end it. As in the lexer,
+# a bare 0 takes no exponent ("0e5" is 0, then a stray or a keyword).
 _FAST_TOKEN = re.compile(
     rb'"(?:[\x20\x21\x23-\x5b\x5d-\xfd]|\\[\x20-\xfd])*"'
-    rb"|(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)(?=[ \t\r\n,:\]}])"
+    rb"|(-?(?:0(?:\.[0-9]+(?:[eE][-+]?[0-9]+)?)?|[1-9][0-9]*(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?))(?=[ \t\r\n,:\]}])"
     rb"|([a-z]+)(?=[ \t\r\n,:\]}])"
 )
 

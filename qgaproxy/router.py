@@ -692,6 +692,7 @@ class Router:
 
     def _fail_queued(self, now: float) -> None:
         for call in self._background.queue:
+            self._unqueued(call)
             if not call.done:
                 call.done = True
                 if call.on_reply is not None:
@@ -699,12 +700,18 @@ class Router:
         self._background.queue.clear()
         for client in list(self._turns):
             for call in client.queue:
+                self._unqueued(call)
                 if not call.done:
                     call.done = True
                     self._fail_fast(client, call.slot, call.request)
             client.queue.clear()
             client.queued_for_turn = False
         self._turns.clear()
+
+    def _unqueued(self, call: Call) -> None:
+        """A call left its client's queue: its bytes are no longer held."""
+        call.client.queued_bytes -= call.request.size
+        self.budget.release(call.request.size)
 
     def take_upstream_write(self, now: float) -> bytes:
         """Bytes to write to the agent now (the caller writes them all,
@@ -729,8 +736,7 @@ class Router:
                     call = client.queue.popleft()
                 else:
                     break
-                client.queued_bytes -= call.request.size
-                self.budget.release(call.request.size)
+                self._unqueued(call)
                 if call.done:
                     continue
                 if call.local_reply is not None:
@@ -1000,6 +1006,8 @@ class Router:
                     call.client.queue.remove(call)
                 except ValueError:
                     pass
+                else:
+                    self._unqueued(call)
                 if not call.client.queue and call.client.queued_for_turn:
                     call.client.queued_for_turn = False
                     try:

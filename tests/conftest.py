@@ -84,3 +84,25 @@ def pytest_collection_modifyitems_vm(items):
     for item in items:
         if _VM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vm)
+
+
+# ---------------------------------------------------------------------------
+# Hypothesis profiles (tests/test_*_props.py): "ci" keeps the property tests
+# to a few tens of seconds; HYPOTHESIS_PROFILE=long is for a long run
+# (scripts/props-long.sh).
+# ---------------------------------------------------------------------------
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover - the test extras install it
+    pass
+else:
+    _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile(
+        "ci", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 400)), stateful_step_count=60,
+        deadline=None, suppress_health_check=_SLOW_OK, print_blob=True,
+    )
+    settings.register_profile(
+        "long", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 10_000_000)), stateful_step_count=120,
+        deadline=None, suppress_health_check=_SLOW_OK, print_blob=True,
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -294,3 +294,23 @@ def test_plain_fast_path_declines_what_it_cannot_prove():
         b"[" * 100 + b"]" * 100,  # deep
     ]:
         assert RequestDecoder().feed(data) == RequestDecoder()._feed(data, []), data
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_a_bare_zero_takes_no_exponent_however_the_bytes_arrive(step):
+    # Measured against qemu-ga 7.2: its lexer has no exponent after a bare 0,
+    # so "0E+2" is 0 then a stray 'E', and "0e5" is 0 then a keyword. Found
+    # by fuzzing: a whole read once took both as the double 0.0.
+    data = (
+        b'{"execute": "guest-ping", "id": 0E+2}\n'
+        b'{"execute": "guest-ping", "id": 0e5}\n'
+        b'{"execute": "guest-ping", "id": 1}\n'
+        b'{"execute": "guest-ping", "id": 0.5e1}\n'
+    )
+    assert values(events(RequestDecoder(), data, step)) == [
+        ParseError("JSON parse error, stray 'E'"),
+        ParseError("JSON parse error, expecting value"),
+        ParseError("JSON parse error, expected separator in dict"),
+        {"execute": "guest-ping", "id": 1},
+        {"execute": "guest-ping", "id": 5.0},
+    ]

@@ -367,3 +367,26 @@ def test_client_backlog_pauses_reading():
     h.pump()
     h.router.take_output(c)
     assert h.router.can_read(c)
+
+
+def test_queued_request_failed_by_a_lost_channel_gives_its_bytes_back():
+    h = Harness()
+    h.connect()
+    c = h.router.add_client()
+    send(h, c, '{"execute": "guest-ping"}')  # queued, not yet written
+    h.router.upstream_lost(h.now)
+    assert b"Guest agent is not available" in h.router.take_output(c)
+    assert c.queued_bytes == 0
+    assert h.router.budget.used == 0
+
+
+def test_queued_request_that_times_out_gives_its_bytes_back():
+    h = Harness(window=1)
+    h.connect()
+    c = h.router.add_client()
+    send(h, c, '{"execute": "guest-ping"}{"execute": "guest-ping"}')
+    h.pump(hold=True)  # the first in flight, unanswered; the second queued
+    h.advance(5.0)
+    assert len(h.output(c)) == 2
+    assert c.queued_bytes == 0
+    assert h.router.budget.used == 0
