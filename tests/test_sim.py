@@ -941,7 +941,7 @@ async def test_disconnect_now(autojump_clock):
         assert await c.eof() == b""
     assert 1000 in sim.handles  # the same agent process
     async with connect(sim) as c:
-        await c.send(ping(b"3"))
+        assert await c.request(ping(b"3")) == b'{"return": {}, "id": 3}\n'
         assert sim.disconnect(restart=True)
         await c.eof()
     assert sim.handles == {} and sim.disconnects == 2
