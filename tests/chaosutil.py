@@ -77,7 +77,7 @@ class ChaosClient:
     lost), mismatches (texts)."""
 
     def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int = 4,
-                 call_bound: float = 30.0, pace=None):
+                 call_bound: float = 30.0, pace=None, gap: float = 0.0):
         self.path = path
         self.name = name
         self.index = index
@@ -85,6 +85,7 @@ class ChaosClient:
         self.depth = depth
         self.call_bound = call_bound
         self.pace = pace or (lambda: trio.sleep(0.02))
+        self.gap = gap  # seconds between sends: a steady rate instead of flat out
         self.pattern = file_pattern(name)
         self.stop = trio.Event()
         self.done = trio.Event()
@@ -260,6 +261,8 @@ class ChaosClient:
                 if self._pace_needed:
                     self._pace_needed = False
                     await self.pace()
+                if self.gap:
+                    await trio.sleep(self.gap)
                 data, expect = self._request(k)
                 self._outstanding.append(expect)
                 self._wake.set()
