@@ -246,7 +246,9 @@ async def drive(args) -> int:
             child = Child(agent_path, listen, args.request_timeout, log_path)
             line = await in_thread(child.readline)
             assert line.strip() == "ready", line
-            idle = await in_thread(child.figures)
+            with trio.fail_after(STEP):
+                while (idle := await in_thread(child.figures))["state"] != "ready":
+                    await trio.sleep(0.05)
             print("proxy pid %d; idle before the load: RSS %.1f MiB, %d descriptors, %d tasks"
                   % (child.pid, idle["rss_kib"] / 1024, idle["fds"], idle["tasks"]), flush=True)
             print("%8s %10s %6s %6s %9s %6s %6s %6s %s" % (
