@@ -31,6 +31,12 @@ log = logging.getLogger("qgaproxy")
 # Per read. Bytes read but not yet parsed are outside the buffer budget,
 # so this bounds what a thousand clients can hold uncounted.
 READ_SIZE = 64 * 1024
+# What the parser takes at once from one client before others get a turn
+# and before the client's backlog is checked again: input that is all
+# one-byte errors ("}}}}", NUL bytes) costs an error reply per byte, and a
+# whole read of it would hold every other client up for a second and queue
+# 64K replies past the backlog.
+FEED_SIZE = 4 * 1024
 
 # What a peer going away looks like from a trio stream.
 _CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -604,16 +610,23 @@ class Proxy:
                     session.writable.set()
                     return
                 self.metrics.bytes_client_in.inc(len(data))
-                try:
-                    router.client_data(client, data, trio.current_time())
-                    del data  # not held across the next wait
-                except Exception:
-                    # A bug must cost this client its connection, not every
-                    # client the proxy: log it loudly and hang up.
-                    self.log.exception("internal error on client %d's input; closing it", client.number)
-                    cancel_scope.cancel()
-                    return
-                self._after()
+                for start in range(0, len(data), FEED_SIZE):
+                    if start:
+                        await trio.lowlevel.checkpoint()
+                        while not router.can_read(client):
+                            if client.closing or client.gone:
+                                return
+                            await session.readable.wait()
+                    try:
+                        router.client_data(client, data[start : start + FEED_SIZE], trio.current_time())
+                    except Exception:
+                        # A bug must cost this client its connection, not every
+                        # client the proxy: log it loudly and hang up.
+                        self.log.exception("internal error on client %d's input; closing it", client.number)
+                        cancel_scope.cancel()
+                        return
+                    self._after()
+                del data  # not held across the next wait
         except _CONNECTION_ERRORS:
             cancel_scope.cancel()
 
