@@ -31,11 +31,12 @@ log = logging.getLogger("qgaproxy")
 # Per read. Bytes read but not yet parsed are outside the buffer budget,
 # so this bounds what a thousand clients can hold uncounted.
 READ_SIZE = 64 * 1024
-# What the parser takes at once from one client before others get a turn
-# and before the client's backlog is checked again: input that is all
-# one-byte errors ("}}}}", NUL bytes) costs an error reply per byte, and a
-# whole read of it would hold every other client up for a second and queue
-# 64K replies past the backlog.
+# What the parser takes at once from one client before the client's
+# backlog is checked again, and (if that piece made replies) before other
+# clients get a turn: input that is all one-byte errors ("}}}}", NUL bytes)
+# costs an error reply per byte, and a whole read of it would hold every
+# other client up for a second and queue 64K replies past the backlog.
+# Pieces that make nothing (the middle of a big request) go on at once.
 FEED_SIZE = 4 * 1024
 
 # What a peer going away looks like from a trio stream.
@@ -611,12 +612,11 @@ class Proxy:
                     return
                 self.metrics.bytes_client_in.inc(len(data))
                 for start in range(0, len(data), FEED_SIZE):
-                    if start:
-                        await trio.lowlevel.checkpoint()
-                        while not router.can_read(client):
-                            if client.closing or client.gone:
-                                return
-                            await session.readable.wait()
+                    while not router.can_read(client):
+                        if client.closing or client.gone:
+                            return
+                        await session.readable.wait()
+                    owed = client.backlog()
                     try:
                         router.client_data(client, data[start : start + FEED_SIZE], trio.current_time())
                     except Exception:
@@ -626,6 +626,8 @@ class Proxy:
                         cancel_scope.cancel()
                         return
                     self._after()
+                    if client.backlog() > owed:
+                        await trio.lowlevel.checkpoint()
                 del data  # not held across the next wait
         except _CONNECTION_ERRORS:
             cancel_scope.cancel()
