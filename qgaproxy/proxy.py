@@ -35,9 +35,10 @@ READ_SIZE = 64 * 1024
 # backlog is checked again, and (if that piece made replies) before other
 # clients get a turn: input that is all one-byte errors ("}}}}", NUL bytes)
 # costs an error reply per byte, and a whole read of it would hold every
-# other client up for a second and queue 64K replies past the backlog.
+# other client up for a second and queue 64K replies past the backlog; a
+# piece of this size is about 10 ms of such replies at most.
 # Pieces that make nothing (the middle of a big request) go on at once.
-FEED_SIZE = 4 * 1024
+FEED_SIZE = 512
 
 # What a peer going away looks like from a trio stream.
 _CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
