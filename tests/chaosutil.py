@@ -70,6 +70,21 @@ def file_path(name: str) -> str:
     return "/tmp/qgaproxy-chaos-%s" % name
 
 
+async def connect_unix(path) -> trio.SocketStream:
+    """A connected unix stream. A non-blocking connect to a unix socket
+    whose listen backlog is full fails with EAGAIN, which trio takes for a
+    connect in progress and hands back an unconnected socket: check, and
+    try again (bounded by the caller's deadline)."""
+    while True:
+        stream = await trio.open_unix_socket(str(path))
+        try:
+            stream.socket.getpeername()
+            return stream
+        except OSError:
+            stream.socket.close()
+        await trio.sleep(0.01)
+
+
 class ChaosClient:
     """One connection keeping up to `depth` requests in flight until stop is
     set, checking every reply (see the module docstring). Counters:
@@ -214,7 +229,8 @@ class ChaosClient:
         from proxyutil import Client
 
         try:
-            client = await Client.connect(str(self.path))
+            with trio.fail_after(self.call_bound):
+                client = Client(await connect_unix(self.path))
             async with client:
                 slots = trio.Semaphore(self.depth)
                 async with trio.open_nursery() as nursery:
