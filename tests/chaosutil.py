@@ -192,6 +192,9 @@ class ChaosClient:
             m = _TIMED_OUT.match(desc) if cls == "GenericError" else None
             if m and m.group(1) == command:
                 return "timeout"
+            if command == "guest-file-open" and cls == "GenericError" \
+                    and desc.startswith("failed to open file '%s' " % file_path(self.name)):
+                return "file-gone"  # a new guest (QEMU restarted) without the file yet
             m = _HANDLE_GONE.match(desc) if cls == "GenericError" else None
             if m and command == "guest-file-read" and int(m.group(1)) == expect["handle"]:
                 if self.handle == expect["handle"]:
