@@ -372,7 +372,8 @@ class ChaosCrowd:
 # The schedule of faults on the simulated agent.
 
 SIM_FAULTS = ("hang", "late", "drop", "restart-mid-reply", "garbage", "disconnect",
-              "disconnect-restart", "pause", "latency", "garbage-on-connect", "drop-every")
+              "disconnect-restart", "pause", "latency", "garbage-on-connect", "drop-every",
+              "agent-restart", "older-agent")
 
 GARBAGE = (b"garbage\n", b"\x00\x01\x02 not json\n", b'{"return": {}, "id": 1}\n', b"\xff",
            b'{"return": {}}\n', b'{"error": {"class": "GenericError", "desc": "stray"}}\n',
@@ -398,6 +399,9 @@ class SimChaos:
         cfg.drop_every = 0
         cfg.latency = 0.0
         cfg.on_connect = b""
+        if cfg.id_mode != "echo":
+            cfg.id_mode = "echo"  # the current agent is back: a new process
+            self.agent.restart()
         self.agent.release()
         self.agent.resume()
 
@@ -437,6 +441,15 @@ class SimChaos:
                     self.agent.stop_reading()
                 elif fault == "latency":
                     cfg.latency = rng.choice((0.001, 0.005, 0.02))
+                elif fault == "agent-restart":
+                    # The agent process dies and starts again in the guest;
+                    # QEMU keeps the channel: whatever it was parsing is lost.
+                    self.agent.restart()
+                elif fault == "older-agent":
+                    # Replaced by an agent older than 4.0 (ids ignored or
+                    # refused), on the same channel.
+                    cfg.id_mode = rng.choice(("ignore", "reject"))
+                    self.agent.restart()
                 elif fault == "garbage-on-connect":
                     cfg.on_connect = rng.choice(GARBAGE[:2] + (b'{"return": {"count": 5, "buf-b64": "aGVs',))
                     self.agent.disconnect(restart=rng.random() < 0.5)
