@@ -15,9 +15,11 @@ right client, cannot pass:
   that reveals the request: guest-sync with a value unique to it, a made-up
   command named after the client and the request (the agent's
   CommandNotFound text quotes it), or guest-file-read of a file of the
-  client's own, whose content is the client's name over and over (and a
-  read of a handle that is gone fails with that handle's number, unique to
-  the client);
+  client's own, whose content is the client's name over and over (a client
+  opens it again before a read could reach its end, so every read returns
+  bytes; a read of a handle that is gone fails with that handle's number,
+  unique to the client, and an open of a file that a new guest does not
+  have yet names the client's own path);
 - replies come back in the order the connection sent its requests, so the
   k-th reply must be the k-th request's.
 
@@ -92,7 +94,7 @@ class ChaosClient:
     lost), mismatches (texts)."""
 
     def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int = 4,
-                 call_bound: float = 30.0, pace=None, gap: float = 0.0):
+                 call_bound: float = 30.0, pace=None, gap: float = 0.0, file_size: int = FILE_SIZE):
         self.path = path
         self.name = name
         self.index = index
@@ -110,6 +112,10 @@ class ChaosClient:
         self.sent = 0
         self.handle: int | None = None
         self._opening = False
+        # Reads per open: never as far as the end of the file, so that every
+        # read returns bytes that show whose file it is.
+        self._reads_per_open = file_size // READ_COUNT - 1
+        self._reads_left = 0
         self._outstanding: collections.deque = collections.deque()
         self._wake = _Pulse()
         self._sender_done = False
@@ -137,10 +143,13 @@ class ChaosClient:
         message: dict = {}
         expect: dict = {"k": k, "sync": None, "handle": None, "open": False}
         if command == "file-read":
+            if self.handle is not None and self._reads_left <= 0:
+                self.handle = None  # read far enough: open it again
             if self.handle is not None:
                 command = "guest-file-read"
                 expect["handle"] = self.handle
                 message["arguments"] = {"handle": self.handle, "count": READ_COUNT}
+                self._reads_left -= 1
             elif not self._opening and not revealing_only:
                 self._opening = True
                 command = "guest-file-open"
@@ -206,15 +215,14 @@ class ChaosClient:
             if type(ret) is not int:
                 return self._mismatch(expect, "not a handle", raw)[0]
             self.handle = ret
+            self._reads_left = self._reads_per_open
             return "ok"
         if command == "guest-file-read":
             if not (isinstance(ret, dict) and isinstance(ret.get("buf-b64"), str)):
                 return self._mismatch(expect, "not a read result", raw)[0]
             data = base64.b64decode(ret["buf-b64"])
-            if ret.get("count") != len(data) or data not in self.pattern:
+            if ret.get("count") != len(data) or len(data) != READ_COUNT or data not in self.pattern:
                 return self._mismatch(expect, "another file's content", raw)[0]
-            if ret.get("eof") and self.handle == expect["handle"]:
-                self.handle = None  # read to the end: open it again
             return "ok"
         good = {
             "guest-ping": lambda r: r == {},

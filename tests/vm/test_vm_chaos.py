@@ -42,11 +42,16 @@ async def in_thread(fn, *args, **kwargs):
     return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
+#: Each client's file in the guest: its 5-byte "|<name>" mark 512 times.
+FILE_SIZE = 5 * 512
+
+
 def make_files(machine, names) -> None:
-    """Each client's file in the guest: its "|<name>" mark over and over
-    (qemu-ga in the VM may not write files: guest-file-write is blocked)."""
+    """The clients' files in the guest (qemu-ga in the VM may not write
+    files: guest-file-write is blocked)."""
     parts = []
     for name in names:
+        assert len("|" + name) * 512 == FILE_SIZE
         parts.append('s="|%s"; for k in 1 2 3 4 5 6 7 8 9; do s="$s$s"; done; echo -n "$s" > %s'
                      % (name, file_path(name)))
     machine.control("run " + "; ".join(parts))
@@ -68,7 +73,8 @@ async def test_vm_chaos(vm):
         transitions = Transitions(proxy)
         async with trio.open_nursery() as nursery:
             crowd = ChaosCrowd(nursery, proxy.config.listen[0], CLIENTS, depth=DEPTH,
-                               call_bound=REQUEST_TIMEOUT + STEP, pace=lambda: proxy_pace(proxy))
+                               call_bound=REQUEST_TIMEOUT + STEP, pace=lambda: proxy_pace(proxy),
+                               file_size=FILE_SIZE)
             start = trio.current_time()
             end = start + duration
             # QEMU killed and started again once, somewhere in the middle.
