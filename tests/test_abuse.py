@@ -27,7 +27,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 
 import pytest
 import trio
@@ -37,7 +36,7 @@ from proxyutil import Client
 
 IDLE_CONNECTIONS = 10_000
 WELL_BEHAVED = 12
-ABUSE_SECONDS = 12.0
+ABUSE_SECONDS = 8.0
 SLOWLORIS = 100
 MAX_MESSAGE = 1 << 20  # the proxy's limit here (cheaper to exceed than 64 MiB)
 #: Bounds on waits: they only turn a hang into a failure.

@@ -9,7 +9,7 @@ clear errors; the proxy must come back to ready after the faults and serve
 everyone, and leave nothing behind when the clients go.
 
 The run prints its seed; QGAPROXY_CHAOS_SEED=N replays it, and
-QGAPROXY_CHAOS_SECONDS sets how long the faults go on (default 12).
+QGAPROXY_CHAOS_SECONDS sets how long the faults go on (default 10).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def figures(name: str, **values) -> None:
 
 async def test_chaos_simulated_agent():
     seed = chaos_seed()
-    duration = float(os.environ.get("QGAPROXY_CHAOS_SECONDS", "12"))
+    duration = float(os.environ.get("QGAPROXY_CHAOS_SECONDS", "10"))
     print("\n[chaos] seed %d (replay: QGAPROXY_CHAOS_SEED=%d), %gs of faults" % (seed, seed, duration), flush=True)
     rng = random.Random(seed)
     agent = sim.SimAgent(sim.SimConfig(received_limit=10_000))

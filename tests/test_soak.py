@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_soak_smoke():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "soak.py"), "--seconds", "15", "--clients", "16",
+        [sys.executable, str(REPO / "scripts" / "soak.py"), "--seconds", "12", "--clients", "16",
          "--sample", "1", "--warmup", "3", "--fault-gap", "1", "--smoke"],
         capture_output=True, text=True, timeout=180, cwd=REPO,
     )

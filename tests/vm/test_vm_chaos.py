@@ -11,7 +11,7 @@ guest); the only other outcomes allowed are the proxy's clear errors
 and serve every client.
 
 The run prints its seed; QGAPROXY_CHAOS_SEED=N replays the schedule and
-QGAPROXY_VM_CHAOS_SECONDS sets how long the faults go on (default 35).
+QGAPROXY_VM_CHAOS_SECONDS sets how long the faults go on (default 25).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def make_files(machine, names) -> None:
 async def test_vm_chaos(vm):
     machine = vm
     seed = chaos_seed()
-    duration = float(os.environ.get("QGAPROXY_VM_CHAOS_SECONDS", "35"))
+    duration = float(os.environ.get("QGAPROXY_VM_CHAOS_SECONDS", "25"))
     print("\n[vm chaos] seed %d (replay: QGAPROXY_CHAOS_SEED=%d), %gs of faults" % (seed, seed, duration),
           flush=True)
     rng = random.Random(seed)
