@@ -100,6 +100,7 @@ _DQ_RUN = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\xfd]+")
 _SQ_RUN = re.compile(rb"[\x20-\x26\x28-\x5b\x5d-\xfd]+")
 _RECOVERY_RUN = re.compile(rb"[\x09\x20-\x2b\x2d-\x39\x3b-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]+")
 _WS_RUN = re.compile(rb"[ \t\r\n]+")
+_SENTINEL_RUN = re.compile(rb"\xff+")
 _INTEGER = re.compile(rb"-?(?:0|[1-9][0-9]*)")
 # A whole token in one step, when it is plainly complete: a string, or a
 # number/keyword followed by a byte that can only end it. As in the lexer,
@@ -241,6 +242,15 @@ class RequestDecoder:
         ws = _WS_RUN.match
         while i < n:
             state = self._state
+            if data[i] == SENTINEL and self.flush_on_sentinel and state in (_START, _RECOVERY):
+                # A run of 0xFF is one reset, however long: one Flush for
+                # the run instead of one per byte (a flood of them must
+                # cost next to nothing).
+                i = _SENTINEL_RUN.match(data, i).end()
+                self._process(ERROR, b"\xff")
+                token.clear()
+                self._state = _RECOVERY
+                continue
             if state == _START:
                 ch = data[i]
                 if ch in _WS:

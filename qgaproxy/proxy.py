@@ -33,6 +33,14 @@ log = logging.getLogger("qgaproxy")
 # Per read. Bytes read but not yet parsed are outside the buffer budget,
 # so this bounds what a thousand clients can hold uncounted.
 READ_SIZE = 64 * 1024
+# What the parser takes at once from one client before the client's
+# backlog is checked again, and (if that piece made replies) before other
+# clients get a turn: input that is all one-byte errors ("}}}}", NUL bytes)
+# costs an error reply per byte, and a whole read of it would hold every
+# other client up for a second and queue 64K replies past the backlog; a
+# piece of this size is about 10 ms of such replies at most.
+# Pieces that make nothing (the middle of a big request) go on at once.
+FEED_SIZE = 512
 
 # What a peer going away looks like from a trio stream.
 _CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -766,16 +774,24 @@ class Proxy:
                     session.writable.set()
                     return
                 self.metrics.bytes_client_in.inc(len(data))
-                try:
-                    router.client_data(client, data, trio.current_time())
-                    del data  # not held across the next wait
-                except Exception:
-                    # A bug must cost this client its connection, not every
-                    # client the proxy: log it loudly and hang up.
-                    self.log.exception("internal error on client %d's input; closing it", client.number)
-                    cancel_scope.cancel()
-                    return
-                self._after()
+                for start in range(0, len(data), FEED_SIZE):
+                    while not router.can_read(client):
+                        if client.closing or client.gone:
+                            return
+                        await session.readable.wait()
+                    owed = client.backlog()
+                    try:
+                        router.client_data(client, data[start : start + FEED_SIZE], trio.current_time())
+                    except Exception:
+                        # A bug must cost this client its connection, not every
+                        # client the proxy: log it loudly and hang up.
+                        self.log.exception("internal error on client %d's input; closing it", client.number)
+                        cancel_scope.cancel()
+                        return
+                    self._after()
+                    if client.backlog() > owed:
+                        await trio.lowlevel.checkpoint()
+                del data  # not held across the next wait
         except _CONNECTION_ERRORS:
             cancel_scope.cancel()
 

@@ -613,6 +613,12 @@ class SimAgent:
         if not self.config.stop_reading:
             self._running.set()
         self._release = trio.Event()
+        # Faults triggered from outside while a connection is served.
+        self._connection: trio.CancelScope | None = None
+        self._inject = b""
+        self._cut_next = False
+        self.disconnects = 0
+        self.cuts = 0
         self._next_handle = FIRST_HANDLE  # persisted by the real agent: survives restart()
         self._next_pid = 4000
         self._time_offset_ns: int | None = None
@@ -664,6 +670,29 @@ class SimAgent:
         self._release.set()
         self._release = trio.Event()
 
+    def disconnect(self, *, restart: bool = False) -> bool:
+        """The host connection drops now (QEMU restarted, the channel
+        reset), whatever the agent is doing; with restart, the agent
+        process starts afresh too. False if no connection was open."""
+        if self._connection is None:
+            return False
+        self.disconnects += 1
+        self._connection.cancel()
+        if restart:
+            self.restart()
+        return True
+
+    def cut_next_reply(self) -> None:
+        """The agent dies in the middle of its next reply: half of it is
+        written, the connection drops and the next one meets a new agent
+        process."""
+        self._cut_next = True
+
+    def inject(self, data: bytes) -> None:
+        """Bytes written on the channel just before the next reply
+        (garbage in the middle of the stream)."""
+        self._inject += data
+
     async def _gate(self) -> None:
         while not self._running.is_set():
             await self._running.wait()
@@ -676,22 +705,24 @@ class SimAgent:
             self.connections += 1
             conn = _Conn(stream)
             try:
-                await self._gate()
-                if self.config.on_connect:
-                    await stream.send_all(self.config.on_connect)
-                while True:
+                with trio.CancelScope() as self._connection:
                     await self._gate()
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    # Bytes that arrived just before the agent went away are
-                    # read when it comes back, not before.
-                    await self._gate()
-                    for event, raw in self._feed(data):
-                        await self._handle(conn, event, raw)
+                    if self.config.on_connect:
+                        await stream.send_all(self.config.on_connect)
+                    while True:
+                        await self._gate()
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        # Bytes that arrived just before the agent went away are
+                        # read when it comes back, not before.
+                        await self._gate()
+                        for event, raw in self._feed(data):
+                            await self._handle(conn, event, raw)
             except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
+                self._connection = None
                 await trio.aclose_forcefully(stream)
 
     def _feed(self, data: bytes):
@@ -801,6 +832,15 @@ class SimAgent:
             self.dropped += 1
             return
         await self._gate()
+        if self._inject:
+            data, self._inject = self._inject, b""
+            await conn.stream.send_all(data)
+        if self._cut_next:
+            self._cut_next = False
+            self.cuts += 1
+            await conn.stream.send_all(reply[: max(1, len(reply) // 2)])
+            self.restart()
+            raise _Close()
         await conn.stream.send_all(reply)
         self.replies_sent += 1
         conn.replies += 1

@@ -59,6 +59,25 @@ def test_sentinel_at_every_offset_flushes_the_partial_message(message):
                 assert got == [FLUSH] + expected, (k, got)
 
 
+def test_a_run_of_sentinels_is_one_flush():
+    # A flood of 0xFF used to cost one event (and ~3 us) per byte: 1 MiB of
+    # it held the proxy's event loop for seconds. A run is one reset.
+    message = MESSAGES[0]
+    expected = values(events(RequestDecoder(), message))
+    flood = b"\xff" * (1 << 20)
+    assert values(events(RequestDecoder(), flood + message)) == [FLUSH] + expected
+    # (a run that cuts a token short: the first 0xFF ends the token, the rest is one run)
+    got = values(events(RequestDecoder(), message[:7] + flood + message))
+    assert got[-1:] == expected and set(got[:-1]) == {FLUSH} and len(got) <= 3, got
+    assert values(events(RequestDecoder(), message + flood)) == expected + [FLUSH]
+    # across reads: at most one Flush per piece
+    got = values(events(RequestDecoder(), flood + message, step=64 << 10))
+    assert got == [FLUSH] * 16 + expected
+    # runs separated by partial requests: one Flush each
+    got = values(events(RequestDecoder(), (b"\xff" * 1000 + message[:9]) * 5 + b"\xff" + message))
+    assert got[-1:] == expected and set(got[:-1]) == {FLUSH} and len(got) <= 12, got
+
+
 def test_sentinel_for_the_agent_is_a_stray_error():
     # flush_on_sentinel=False is the agent's own behaviour (simulated agent)
     got = events(RequestDecoder(flush_on_sentinel=False), b'{"execute": "gue\xff')

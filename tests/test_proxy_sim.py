@@ -9,7 +9,7 @@ import json
 import pytest
 import trio
 
-from proxyutil import Client, run_proxy, wait_ready
+from proxyutil import Client, Watch, run_proxy, wait_ready
 from qgaproxy import sim
 from qgaproxy.upstream import State
 
@@ -239,6 +239,34 @@ async def test_flooding_client_does_not_starve_another(autojump_clock):
             assert trio.current_time() - start < 0.1
             for _ in range(40):
                 await flood.reply()
+
+
+async def test_one_read_of_one_byte_errors_stays_within_the_backlog(autojump_clock):
+    """64 KiB of stray closers in one send: each byte is an error reply of
+    its own. The proxy parses it a piece at a time, so the replies it owes
+    stay within the backlog plus one piece (not 64K replies for one read,
+    which also held every other client up while they were made), and the
+    client still gets every one of them, in order, once it reads."""
+    from qgaproxy.proxy import FEED_SIZE
+
+    async with run_proxy("sim", sim_agent=agent()) as proxy:
+        await wait_ready(proxy)
+        watch = Watch(proxy)
+        router = proxy.router
+        path = proxy.config.listen[0]
+        async with await Client.connect(path) as flood, await Client.connect(path) as other:
+            await flood.send(b"}" * (64 << 10))
+            await watch.until(lambda: router.clients[0].backlog() > 0 and not router.can_read(router.clients[0]),
+                              10, "the flooding client paused",
+                              lambda: "backlog %s" % [c.backlog() for c in router.clients])
+            hog = router.clients[0]
+            assert hog.backlog() <= proxy.config.client_backlog + FEED_SIZE, hog.backlog()
+            assert await other.call("guest-ping", id=1) == {"return": {}, "id": 1}
+            error = json.loads(await flood.read_line())
+            assert error == {"error": {"class": "GenericError", "desc": error["error"]["desc"]}}
+            for _ in range((64 << 10) - 1):
+                assert json.loads(await flood.read_line()) == error
+            assert await flood.call("guest-ping", id=2) == {"return": {}, "id": 2}
 
 
 async def test_sync_answered_locally_costs_no_round_trip(autojump_clock):

@@ -930,6 +930,44 @@ async def test_stop_reading_and_resume(autojump_clock):
         assert await c.recv_lines() == b'{"return": {}, "id": 2}\n'
 
 
+async def test_disconnect_now(autojump_clock):
+    sim = SimAgent(SimConfig(hang={"guest-fstrim"}, files={"/tmp/f": b""}))
+    assert not sim.disconnect()  # nothing to drop
+    async with connect(sim) as c:
+        await c.request(cmd("guest-file-open", {"path": "/tmp/f"}))
+        await c.send(cmd("guest-fstrim", id=1) + ping(b"2"))
+        await c.silent(10)
+        assert sim.disconnect()  # even while a command hangs
+        assert await c.eof() == b""
+    assert 1000 in sim.handles  # the same agent process
+    async with connect(sim) as c:
+        assert await c.request(ping(b"3")) == b'{"return": {}, "id": 3}\n'
+        assert sim.disconnect(restart=True)
+        await c.eof()
+    assert sim.handles == {} and sim.disconnects == 2
+
+
+async def test_cut_next_reply_restarts_the_agent(autojump_clock):
+    sim = SimAgent(SimConfig(files={"/tmp/f": b""}))
+    async with connect(sim) as c:
+        await c.request(cmd("guest-file-open", {"path": "/tmp/f"}))
+        sim.cut_next_reply()
+        await c.send(ping(b"12345") + ping(b"6"))
+        assert await c.eof() == b'{"return": {},'  # half a reply, then the end
+    assert sim.handles == {} and sim.cuts == 1
+    async with connect(sim) as c:
+        assert await c.request(ping(b"7")) == b'{"return": {}, "id": 7}\n'
+
+
+async def test_inject_garbage_before_the_next_reply(autojump_clock):
+    sim = SimAgent()
+    async with connect(sim) as c:
+        sim.inject(b"junk\n")
+        sim.inject(b"\xff")
+        assert await c.request(ping(b"1"), 2) == b'junk\n\xff{"return": {}, "id": 1}\n'
+        assert await c.request(ping(b"2")) == b'{"return": {}, "id": 2}\n'
+
+
 async def test_shutdown_no_reply_then_goodbye(autojump_clock):
     sim = SimAgent(SimConfig(files={"/tmp/f": b""}))
     async with connect(sim) as c:
