@@ -159,6 +159,7 @@ class Client:
     no_reply_generation: int = -1  # upstream generation of its last no-reply command
     peer: Any = None  # for logs: whatever the shell knows (pid, uid)
     requests: int = 0
+    answers: int = 0  # replies and errors owed to it so far, all told
     policy: Policy = OPEN
     internal: bool = False  # the proxy itself (thaws, closing left handles)
     protocol: str = "qga"  # or "qmp": see negotiation.py
@@ -498,6 +499,7 @@ class Router:
     def _new_slot(self, client: Client) -> Slot:
         slot = Slot()
         client.slots.append(slot)
+        client.answers += 1
         return slot
 
     def _fill(self, client: Client, slot: Slot, data: bytes, command: str | None = None) -> None:
