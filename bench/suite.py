@@ -392,25 +392,36 @@ class Run:
     def log(self, *args) -> None:
         print(*args, file=sys.stderr, flush=True)
 
+    def sequential_side_by_side(self, agent_path, pings: int, rounds: int) -> dict:
+        """(a): direct, relay and proxy in turn, `rounds` times (the agent
+        serves one connection at a time, so each runs alone), all samples
+        of a kind pooled: slow drifts of the machine hit all three alike."""
+        samples: dict[str, list[float]] = {"direct": [], "relay": [], "proxy": []}
+        per = max(50, pings // rounds)
+        for _ in range(rounds):
+            samples["direct"] += sequential(agent_path, per)
+            ctx, listen = relay(agent_path, self.tmp)
+            with ctx:
+                samples["relay"] += sequential(listen, per)
+            ctx, listen = proxy(agent_path, self.tmp)
+            with ctx:
+                samples["proxy"] += sequential(listen, per)
+        return {kind: summary(times) for kind, times in samples.items()}
+
     # (a) and (b) and (c) on one agent socket
     def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True) -> None:
         out = self.r.setdefault(name, {})
         pings = self.pings if name != "sim" else max(100, self.pings // 10)
-        self.log("[%s] sequential: direct" % name)
-        out["direct"] = summary(sequential(agent_path, pings))
+        self.log("[%s] sequential: direct, relay, proxy" % name)
+        out.update(self.sequential_side_by_side(agent_path, pings, 1 if self.quick else 5))
         out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
         if styles:
             self.log("[%s] Proxmox-style and libvirt-style, 16 clients" % name)
             out["proxmox_style_16_rps"] = round(proxmox_style(agent_path, 16, self.seconds))
             out["libvirt_style_16_rps"] = round(libvirt_style(agent_path, 16, self.seconds))
-        self.log("[%s] sequential: relay" % name)
-        ctx, listen = relay(agent_path, self.tmp)
-        with ctx:
-            out["relay"] = summary(sequential(listen, pings))
-        self.log("[%s] sequential and clients: proxy" % name)
+        self.log("[%s] clients through the proxy" % name)
         ctx, listen = proxy(agent_path, self.tmp)
         with ctx:
-            out["proxy"] = summary(sequential(listen, pings))
             out["proxy_clients_rps"] = {str(n): round(through_proxy(listen, n, self.seconds)) for n in clients}
 
     def host(self) -> None:
@@ -433,15 +444,7 @@ class Run:
         self.log("[vm] booting")
         with qgavm.VM(cache=qgavm.build()) as machine_:
             pings = max(200, self.pings // 5)
-            out = self.r.setdefault("vm", {})
-            out["direct"] = summary(sequential(machine_.agent_sock, pings))
-            ctx, listen = relay(machine_.agent_sock, self.tmp)
-            with ctx:
-                out["relay"] = summary(sequential(listen, pings))
-            ctx, listen = proxy(machine_.agent_sock, self.tmp)
-            with ctx:
-                out["proxy"] = summary(sequential(listen, pings))
-            out["direct_again"] = summary(sequential(machine_.agent_sock, pings))
+            self.r["vm"] = self.sequential_side_by_side(machine_.agent_sock, pings, 1 if self.quick else 5)
 
     def big(self) -> None:
         host_file = self.tmp / "big.bin"
@@ -547,8 +550,9 @@ def targets(r: dict) -> list[dict]:
             round(host["proxy_clients_rps"]["16"] / host["libvirt_style_16_rps"], 1), 2, ">=")
     vm = r.get("vm", {})
     if "proxy" in vm:
-        direct = min(vm["direct"]["p50_us"], vm["direct_again"]["p50_us"])
-        row("(a) VM: proxy p50 / direct p50", round(vm["proxy"]["p50_us"] / direct, 2), 1.1, "<=")
+        row("(a) VM: proxy p50 / direct p50", round(vm["proxy"]["p50_us"] / vm["direct"]["p50_us"], 2), 1.1, "<=")
+        row("(a) VM: relay p50 / direct p50 (the floor, for reference)",
+            round(vm["relay"]["p50_us"] / vm["direct"]["p50_us"], 2), 1.1, "<=")
     big = r.get("big_read", {})
     if big:
         row("(d) 48 MiB: proxy / direct", round(big["proxy_s"] / big["direct_s"], 2), 1.5, "<=")
