@@ -303,18 +303,14 @@ class Router:
         return [call for call in calls if not call.done]
 
     def next_deadline(self) -> float | None:
-        while self._deadlines and self._deadlines[0][2].done:
-            heapq.heappop(self._deadlines)
-        times = []
-        if self._deadlines:
-            times.append(self._deadlines[0][0])
-        upstream = self.upstream.next_deadline()
-        if upstream is not None:
-            times.append(upstream)
-        frozen = self.freeze.deadline()
-        if frozen is not None:
-            times.append(frozen)
-        return min(times) if times else None
+        heap = self._deadlines
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        best = heap[0][0] if heap else None
+        for other in (self.upstream.next_deadline(), self.freeze.deadline()):
+            if other is not None and (best is None or other < best):
+                best = other
+        return best
 
     def pop_dirty(self) -> set[Client]:
         dirty, self._dirty = self._dirty, set()

@@ -129,8 +129,10 @@ class Upstream:
         return self.state is State.READY and self._phase is None
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._unavailable_at, self._retry_at) if t is not None]
-        return min(times) if times else None
+        a, b = self._unavailable_at, self._retry_at
+        if a is None:
+            return b
+        return a if b is None or a < b else b
 
     def take_outbox(self) -> bytes:
         data = b"".join(self._outbox)
