@@ -184,6 +184,7 @@ class RequestDecoder:
         self._brace = 0
         self._bracket = 0
         self._events: list = []
+        self._flushed = False  # a Flush and no token since (see _process)
 
     # -- introspection -------------------------------------------------
     def buffered(self) -> int:
@@ -230,6 +231,7 @@ class RequestDecoder:
             except (ValueError, _NotPlain, RecursionError):
                 break
             events.append(Value(value, _token_bytes(data, i, end)))
+            self._flushed = False
             i = end
         return self._feed(data[i:], events)
 
@@ -428,6 +430,8 @@ class RequestDecoder:
 
     # -- streamer (json_message_process_token) -----------------------------
     def _process(self, kind: str, text: bytes) -> None:
+        if kind != ERROR:
+            self._flushed = False
         if kind == LCURLY:
             self._brace += 1
         elif kind == RCURLY:
@@ -438,9 +442,14 @@ class RequestDecoder:
             self._bracket -= 1
         elif kind == ERROR:
             if self.flush_on_sentinel and text and text[-1] == SENTINEL:
-                self._reset()
-                self._events.append(FLUSH)
+                # One Flush for any number of 0xFF with no token between
+                # them, however the bytes arrive.
+                if not self._flushed:
+                    self._reset()
+                    self._events.append(FLUSH)
+                    self._flushed = True
                 return
+            self._flushed = False
             self._emit(ParseError("JSON parse error, stray '%s'" % qjson.sanitize(text)))
             return
 

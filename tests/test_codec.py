@@ -70,9 +70,10 @@ def test_a_run_of_sentinels_is_one_flush():
     got = values(events(RequestDecoder(), message[:7] + flood + message))
     assert got[-1:] == expected and set(got[:-1]) == {FLUSH} and len(got) <= 3, got
     assert values(events(RequestDecoder(), message + flood)) == expected + [FLUSH]
-    # across reads: at most one Flush per piece
+    # across reads too: one Flush however the run is split
     got = values(events(RequestDecoder(), flood + message, step=64 << 10))
-    assert got == [FLUSH] * 16 + expected
+    assert got == [FLUSH] + expected
+    assert values(events(RequestDecoder(), b"\xff" * 100 + message, step=1)) == [FLUSH] + expected
     # runs separated by partial requests: one Flush each
     got = values(events(RequestDecoder(), (b"\xff" * 1000 + message[:9]) * 5 + b"\xff" + message))
     assert got[-1:] == expected and set(got[:-1]) == {FLUSH} and len(got) <= 12, got
@@ -333,3 +334,17 @@ def test_a_bare_zero_takes_no_exponent_however_the_bytes_arrive(step):
         {"execute": "guest-ping", "id": 1},
         {"execute": "guest-ping", "id": 5.0},
     ]
+
+
+def test_flush_events_do_not_depend_on_how_a_run_is_split():
+    # Found by fuzz_requests: whole, a run of 0xFF after a partial object was
+    # one Flush; in 1-byte pieces it was one per piece.
+    import base64
+
+    stream = base64.b64decode(
+        "e6Ll////////////////////////////////////////////////////////////////////////////////////////"
+        "////////////////////////eGVjdXRlInsiZXhlY3U6ICJndWVzdGUi"
+    )
+    whole = RequestDecoder().feed(stream)
+    for step in (1, 2, 3, 7, 64):
+        assert events(RequestDecoder(), stream, step) == whole, step
