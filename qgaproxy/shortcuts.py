@@ -241,20 +241,20 @@ def freeze(client: AgentClient, words: list[str], out: Output) -> int:
         value = client.execute("guest-fsfreeze-freeze-list", {"mountpoints": list(words)})
     else:
         value = client.execute("guest-fsfreeze-freeze")
-    if out.raw:
-        out.json(value)
-    else:
-        out.line("%s filesystem%s frozen" % (value, "" if value == 1 else "s"))
-    return 0
+    return _filesystems(out, value, "frozen")
 
 
 def thaw(client: AgentClient, words: list[str], out: Output) -> int:
     _no_words("thaw", words)
-    value = client.execute("guest-fsfreeze-thaw")
+    return _filesystems(out, client.execute("guest-fsfreeze-thaw"), "thawed")
+
+
+def _filesystems(out: Output, count, done: str) -> int:
+    """The agent's count of filesystems frozen or thawed."""
     if out.raw:
-        out.json(value)
+        out.json(count)
     else:
-        out.line("%s filesystem%s thawed" % (value, "" if value == 1 else "s"))
+        out.line("%s filesystem%s %s" % (count, "" if count == 1 else "s", done))
     return 0
 
 
