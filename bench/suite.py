@@ -42,7 +42,6 @@ import platform
 import random
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -55,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
 
+from proxyutil import rss, stop_process  # noqa: E402
 from realagent import RealAgent  # noqa: E402
 
 PING = b'{"execute":"guest-ping"}\n'
@@ -285,17 +285,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in bytes."""
-    fields = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -326,13 +315,7 @@ def process(argv, ready_path, what: str):
         proc.kill()
         raise RuntimeError("%s did not start: %s" % (what, proc.stderr.read().decode()[-2000:]))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 10)
 
 
 def proxy(upstream_path, tmp: Path, *extra: str):

@@ -159,9 +159,7 @@ def _write_now(fd: int, data: bytes) -> int:
     is left for the writer task's send_all to meet and report."""
     try:
         return os.write(fd, data)
-    except (BlockingIOError, InterruptedError):
-        return 0
-    except OSError:
+    except OSError:  # EAGAIN, EINTR, or an error the writer task will meet
         return 0
 
 
@@ -437,10 +435,9 @@ class Proxy:
         router = self.router
         now = trio.current_time()
         while router.wants_write():
-            data = router.take_upstream_write(now)
+            data = self._take_upstream(now)
             if not data:
                 continue
-            self.metrics.bytes_agent_out.inc(len(data))
             sent = _write_now(self._up_fd, data)
             if sent < len(data):
                 self._up_rest = memoryview(data)[sent:]  # no copy of a large write
@@ -451,12 +448,21 @@ class Proxy:
         client = session.client
         if not client.output:
             return
-        data = self.router.take_output(client)
-        self.metrics.bytes_client_out.inc(len(data))
-        session.readable.set()
+        data = self._take_output(session)
         sent = _write_now(session.fd, data)
         if sent < len(data):
             session.rest = memoryview(data)[sent:]  # no copy of a large reply
+
+    def _take_upstream(self, now: float) -> bytes:
+        data = self.router.take_upstream_write(now)
+        self.metrics.bytes_agent_out.inc(len(data))
+        return data
+
+    def _take_output(self, session: Session) -> bytes:
+        data = self.router.take_output(session.client)
+        self.metrics.bytes_client_out.inc(len(data))
+        session.readable.set()  # its reader may be paused on what it was owed
+        return data
 
     # -- running -------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -672,8 +678,7 @@ class Proxy:
                 # The rest of a write made on the spot (see _after).
                 data, self._up_rest = self._up_rest, b""  # (a memoryview)
             else:
-                data = router.take_upstream_write(trio.current_time())
-                self.metrics.bytes_agent_out.inc(len(data))
+                data = self._take_upstream(trio.current_time())
             if data:
                 self._up_sending = True
                 try:
@@ -811,7 +816,6 @@ class Proxy:
             cancel_scope.cancel()
 
     async def _client_writer(self, session: Session) -> None:
-        router = self.router
         client = session.client
         while True:
             while not (session.rest or client.output):
@@ -822,9 +826,7 @@ class Proxy:
                 # The rest of a write made on the spot (see _after).
                 data, session.rest = session.rest, b""
             else:
-                data = router.take_output(client)
-                self.metrics.bytes_client_out.inc(len(data))
-                session.readable.set()
+                data = self._take_output(session)
             session.sending = True
             try:
                 with trio.move_on_after(self.config.client_write_timeout) as scope:

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import trio  # noqa: E402
 
 from chaosutil import ChaosClient, ChaosCrowd, SimChaos, file_path, file_pattern  # noqa: E402
-from proxyutil import Progress  # noqa: E402
+from proxyutil import Progress, stop_process, task_count  # noqa: E402
 from qgaproxy import sim  # noqa: E402
 
 STEP = 60.0  # bound on every wait for a state; only turns a hang into a failure
@@ -55,17 +54,6 @@ STEP = 60.0  # bound on every wait for a state; only turns a hang into a failure
 
 # ---------------------------------------------------------------------------
 # The proxy child.
-
-def task_count() -> int:
-    todo = [trio.lowlevel.current_root_task()]
-    n = 0
-    while todo:
-        task = todo.pop()
-        n += 1
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return n
-
 
 async def proxy_child(upstream: str, listen: str, request_timeout: float) -> None:
     """Serve; answer each line on stdin with one JSON line of figures."""
@@ -154,15 +142,9 @@ class Child:
             self.proc.wait(STEP)
         except (OSError, subprocess.TimeoutExpired):
             pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STEP)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        rc = stop_process(self.proc, STEP)
         self.log.close()
-        return self.proc.returncode
+        return rc
 
 
 def median(values):

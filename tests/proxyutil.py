@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 
 import trio
 
@@ -107,7 +111,6 @@ class Client:
 # ---------------------------------------------------------------------------
 
 import collections  # noqa: E402
-import itertools  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -509,3 +512,81 @@ def metric(proxy_or_text, name: str, **labels) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
+
+
+# -- processes and their figures ------------------------------------------------------------
+
+
+def task_count() -> int:
+    """Every task of the current trio run."""
+    todo = [trio.lowlevel.current_root_task()]
+    n = 0
+    while todo:
+        task = todo.pop()
+        n += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return n
+
+
+def rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in bytes."""
+    values = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM (the proxy drains and exits 0), then SIGKILL after timeout."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class ProxyProcess:
+    """`python -m qgaproxy serve ARGS` as its own process (its own event loop;
+    it inherits this process's RLIMIT_NOFILE). Its log goes to log_path;
+    `lines` keeps the first 2,000 lines and every error after them."""
+
+    def __init__(self, args: list[str], log_path: str, *, cwd=None, step: float = 30.0):
+        self.step = step
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qgaproxy", "serve", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=cwd, start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for raw in self.proc.stderr:
+            self.log.write(raw)
+            line = raw.decode(errors="replace")
+            if len(self.lines) < 2000 or "Traceback" in line or "ERROR" in line:
+                self.lines.append(line)
+            if "qgaproxy ready" in line:
+                self._ready.set()
+
+    def wait_ready(self) -> None:
+        if not self._ready.wait(self.step):
+            self.stop()
+            raise AssertionError("proxy did not log 'qgaproxy ready': %s" % self.lines[-20:])
+
+    def stop(self) -> int:
+        rc = stop_process(self.proc, self.step)
+        self._reader.join(self.step)
+        self.log.close()
+        return rc

@@ -23,19 +23,17 @@ import json
 import os
 import random
 import resource
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 
 import pytest
 import trio
 
 from chaosutil import ChaosCrowd, connect_unix, file_path, file_pattern
-from proxyutil import Client
+from proxyutil import Client, ProxyProcess
 
 IDLE_CONNECTIONS = 10_000
 WELL_BEHAVED = 12
@@ -60,42 +58,6 @@ def raise_nofile(need: int) -> None:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir("/proc/%d/fd" % pid))
-
-
-class ProxyProcess:
-    """The proxy as its own process (it inherits our raised RLIMIT_NOFILE)."""
-
-    def __init__(self, config_path: str, log_path: str):
-        self.log = open(log_path, "ab")
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qgaproxy", "serve", "--config", config_path],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for raw in self.proc.stderr:
-            self.log.write(raw)
-            line = raw.decode(errors="replace")
-            if len(self.lines) < 2000 or "Traceback" in line or "ERROR" in line:
-                self.lines.append(line)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STEP)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(STEP)
-        self.log.close()
-        return self.proc.returncode
 
 
 class Abuse:
@@ -334,7 +296,7 @@ async def test_abusive_clients_others_still_served():
     agent = subprocess.Popen(agent_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=agent_log, start_new_session=True)
     try:
-        proxy = ProxyProcess(config_path, os.path.join(tmp, "proxy.log"))
+        proxy = ProxyProcess(["--config", config_path], os.path.join(tmp, "proxy.log"), step=STEP)
         # Listening and served before the abuse starts (the agent is synced).
         with trio.fail_after(STEP):
             while True:

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from chaosutil import ChaosCrowd, SimChaos, chaos_seed, file_path, file_pattern
-from proxyutil import Transitions, proxy_pace, run_proxy, wait_state_change
+from proxyutil import Transitions, proxy_pace, run_proxy, task_count, wait_state_change
 from qgaproxy import sim
 from qgaproxy.upstream import State
 
@@ -32,18 +32,6 @@ DEPTH = 4
 REQUEST_TIMEOUT = 1.0
 #: Bounds on waits: they only turn a hang into a failure.
 STEP = 30.0
-
-
-def task_count() -> int:
-    """Every task of this trio run."""
-    todo = [trio.lowlevel.current_root_task()]
-    n = 0
-    while todo:
-        task = todo.pop()
-        n += 1
-        for nursery in task.child_nurseries:
-            todo.extend(nursery.child_tasks)
-    return n
 
 
 def figures(name: str, **values) -> None:

@@ -19,7 +19,7 @@ import time
 
 import trio
 
-from proxyutil import Client, Watch, metric, run_proxy, wait_ready
+from proxyutil import Client, Watch, metric, rss, run_proxy, wait_ready
 from qgaproxy import sim
 
 STEP = 10.0
@@ -172,17 +172,6 @@ def _raise_nofile() -> None:
     want = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process, in bytes."""
-    values = {}
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values["VmRSS"], values["VmHWM"]
 
 
 class Lines:

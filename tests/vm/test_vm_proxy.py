@@ -22,10 +22,7 @@ import functools
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from proxyutil import Client, Crowd, Transitions, proxy_pace, run_proxy, wait_state_change
+from proxyutil import Client, Crowd, ProxyProcess, Transitions, proxy_pace, run_proxy, wait_state_change
 from qgaproxy.upstream import State
 from realagent import AgentConn
 from vm import VM, build_info, direct_round_trip, percentile
@@ -434,47 +431,6 @@ async def test_guest_shutdown_through_the_proxy(vm_module):
 # -- 8. figures: round trip through the proxy vs direct; boot to first proxied reply ------------
 
 
-class ProxyProcess:
-    """`python -m qgaproxy serve` as a subprocess (its own event loop)."""
-
-    def __init__(self, agent_sock, listen: str):
-        self.listen = listen
-        self.log = open(listen + ".log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qgaproxy", "serve", "--upstream", "unix:%s" % agent_sock,
-             "--listen", listen, "--log-level", "info"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            cwd=REPO, start_new_session=True,
-        )
-        self._lines: list[str] = []
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._ready.wait(STEP):
-            self.stop()
-            raise AssertionError("proxy did not log 'qgaproxy ready': %s" % self._lines[-20:])
-
-    def _read(self) -> None:
-        for raw in self.proc.stderr:
-            self.log.write(raw)
-            line = raw.decode(errors="replace")
-            self._lines.append(line)
-            if "qgaproxy ready" in line:
-                self._ready.set()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STEP)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(STEP)
-        self.log.close()
-        return self.proc.returncode
-
-
 def first_ok_reply(path: str, deadline: float, retry: float = 0.01) -> float:
     """Send guest-ping through the proxy, one at a time, until one succeeds;
     returns time.monotonic() of that reply. After a fast error the next try
@@ -507,7 +463,9 @@ def test_benchmark_round_trip(vm_image):
     agent_start: dict[str, float] = {}
     try:
         # Boot to first proxied reply: the proxy waits for QEMU.
-        proxy = ProxyProcess(machine.agent_sock, listen)
+        proxy = ProxyProcess(["--upstream", "unix:%s" % machine.agent_sock, "--listen", listen, "--log-level", "info"],
+                             listen + ".log", cwd=REPO, step=STEP)
+        proxy.wait_ready()
         try:
             machine.start(wait=False)
 
@@ -531,7 +489,9 @@ def test_benchmark_round_trip(vm_image):
         machine.wait_agent(STEP)
         direct = direct_round_trip(machine.agent_sock, n)
         # ... then through a fresh proxy process.
-        proxy = ProxyProcess(machine.agent_sock, listen)
+        proxy = ProxyProcess(["--upstream", "unix:%s" % machine.agent_sock, "--listen", listen, "--log-level", "info"],
+                             listen + ".log", cwd=REPO, step=STEP)
+        proxy.wait_ready()
         try:
             first_ok_reply(listen, time.monotonic() + STEP)
             proxied = direct_round_trip(listen, n)
