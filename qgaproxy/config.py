@@ -100,6 +100,7 @@ class AgentSettings:
     connect_timeout: float = 5.0
     freeze_max: float = 600.0
     guest_metrics_interval: float = 0.0
+    busy_poll_us: int = 50
     command_timeouts: tuple = tuple(sorted(DEFAULT_COMMAND_TIMEOUTS.items()))
 
 
@@ -170,6 +171,7 @@ _SETTINGS: dict[str, tuple[tuple[type, ...], Callable | None]] = {
     "connect_timeout": ((int, float), _positive),
     "freeze_max": ((int, float), _positive),
     "guest_metrics_interval": ((int, float), _at_least(0)),
+    "busy_poll_us": ((int,), _at_least(0)),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table", list: "an array"}
 

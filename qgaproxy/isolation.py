@@ -32,7 +32,9 @@ class Ownership:
 
     def check(self, owner: Hashable, request: Request) -> bytes | None:
         """None if the request may go on; else the agent's own error reply."""
-        args = request.arguments or {}
+        args = request.arguments
+        if args is None:
+            return None
         if request.execute in FILE_COMMANDS:
             handle = args.get("handle")
             if type(handle) is int and self.files.get(handle) is not owner:

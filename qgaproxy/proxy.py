@@ -42,6 +42,9 @@ READ_SIZE = 64 * 1024
 # Pieces that make nothing (the middle of a big request) go on at once, and
 # grow: a 48 MiB request is not cut into 512-byte bites.
 FEED_SIZE = 512
+# The weight of each new reply time in the running estimate that decides
+# whether busy polling is worth it (see Proxy._spin_loop).
+REPLY_TIME_WEIGHT = 0.125
 
 # What a peer going away looks like from a trio stream.
 _CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -75,6 +78,10 @@ class ProxyConfig:
     freeze_max: float = 600.0
     # Seconds between polls of the guest exporter; 0: no guest metrics.
     guest_metrics_interval: float = 0.0
+    # Busy polling (seconds; 0: off): after a request goes to an idle
+    # agent that usually answers within this time, the event loop keeps
+    # polling instead of sleeping, for at most this long (see _spin_loop).
+    busy_poll: float = 50e-6
     # unix-listen: who may connect as the channel (QEMU's uid); empty: any
     # peer the socket's mode (0660) lets in.
     upstream_peer_uids: tuple = ()
@@ -113,6 +120,7 @@ class ProxyConfig:
             connect_timeout=s.connect_timeout,
             freeze_max=s.freeze_max,
             guest_metrics_interval=s.guest_metrics_interval,
+            busy_poll=s.busy_poll_us / 1e6,
             upstream_peer_uids=agent.upstream_peer_uids,
             **extra,
         )
@@ -150,6 +158,7 @@ class Session:
     # them (with its deadline) before anything else.
     rest: bytes = b""
     sending: bool = False  # the writer task is inside send_all
+    paused: bool = False  # the reader waits for `readable` (the client is owed too much)
 
 
 def _write_now(fd: int, data: bytes) -> int:
@@ -206,9 +215,12 @@ class _Fanout(Observer):
         self.log = proxy.log
 
     def request_done(self, command, outcome, duration, queued):
+        proxy = self.proxy
+        if duration > 0.0:  # it went to the agent: how long the agent took
+            proxy._reply_time += (duration - proxy._reply_time) * REPLY_TIME_WEIGHT
         # Counted after the replies are written (Proxy._after): off the
         # path a reply takes.
-        done = self.proxy._done
+        done = proxy._done
         done.append((command, outcome, duration, queued))
         if len(done) >= 1024:
             self.proxy._count_done()
@@ -372,6 +384,11 @@ class Proxy:
         self._up_rest = b""
         self._up_sending = False
         self._timer_wake = Signal()
+        # Busy polling: the spinner task polls until _spin_until (a
+        # time.perf_counter() reading) while a reply is due.
+        self._spin_wake = Signal()
+        self._spin_until = 0.0
+        self._reply_time = 0.0  # running estimate of the agent's reply time, seconds
         self._timer_at: float | None = None
         self._listeners: list[trio.SocketListener] = []
         self._bound_paths: list[str] = []  # only these socket files are ours to remove
@@ -400,22 +417,25 @@ class Proxy:
     # -- the one place that turns router changes into wake-ups -----------------
     def _after(self) -> None:
         router = self.router
+        # Replies first: a reply's latency ends when it is written.
+        if router.dirty:
+            for client in router.pop_dirty():
+                session = self._sessions.get(client)
+                if session is not None:
+                    if session.fd >= 0 and not session.sending and not session.rest:
+                        self._write_client_now(session)
+                        if not (session.rest or client.output or client.wants_close() or client.gone):
+                            continue  # all written: no need to wake the writer
+                    session.writable.set()
         if router.wants_write():
             # On the spot when the agent is idle: that is the latency a lone
             # request sees. When it is busy anyway, the writer task's next
             # turn sends everything the clients queued meanwhile in one write.
-            if self._up_fd >= 0 and not self._up_sending and not self._up_rest and not router.in_flight():
-                self._write_upstream_now()
-            if router.wants_write() or self._up_rest:
+            if self._up_fd < 0 or self._up_sending or self._up_rest or router.in_flight() or self._write_upstream_now():
                 self._upstream_wake.set()
-        for client in router.pop_dirty():
-            session = self._sessions.get(client)
-            if session is not None:
-                if session.fd >= 0 and not session.sending and not session.rest:
-                    self._write_client_now(session)
-                    if not (session.rest or client.output or client.wants_close() or client.gone):
-                        continue  # all written: no need to wake the writer
-                session.writable.set()
+            elif self.config.busy_poll and self._reply_time <= self.config.busy_poll:
+                self._spin_until = time.perf_counter() + self.config.busy_poll
+                self._spin_wake.set()
         deadline = router.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             self._timer_at = deadline
@@ -431,18 +451,21 @@ class Proxy:
         for args in done:
             request_done(*args)
 
-    def _write_upstream_now(self) -> None:
+    def _write_upstream_now(self) -> bool:
+        """Write what the router has for the agent; True if the writer task
+        has work left (what the kernel did not take, or more to send)."""
         router = self.router
         now = trio.current_time()
-        while router.wants_write():
+        while True:
             data = self._take_upstream(now)
-            if not data:
-                continue
-            sent = _write_now(self._up_fd, data)
-            if sent < len(data):
-                self._up_rest = memoryview(data)[sent:]  # no copy of a large write
-                return
-            router.upstream_write_done(now)
+            if data:
+                sent = _write_now(self._up_fd, data)
+                if sent < len(data):
+                    self._up_rest = memoryview(data)[sent:]  # no copy of a large write
+                    return True
+                router.upstream_write_done(now)
+            if not router.wants_write():
+                return False
 
     def _write_client_now(self, session: Session) -> None:
         client = session.client
@@ -461,7 +484,8 @@ class Proxy:
     def _take_output(self, session: Session) -> bytes:
         data = self.router.take_output(session.client)
         self.metrics.bytes_client_out.inc(len(data))
-        session.readable.set()  # its reader may be paused on what it was owed
+        if session.paused:
+            session.readable.set()  # it waits until it is owed less
         return data
 
     # -- running -------------------------------------------------------------------
@@ -518,6 +542,8 @@ class Proxy:
             raise
         nursery.start_soon(self._upstream_loop)
         nursery.start_soon(self._timer_loop)
+        if config.busy_poll > 0:
+            nursery.start_soon(self._spin_loop)
         if config.guest_metrics_interval > 0:
             from . import exporter
 
@@ -573,6 +599,22 @@ class Proxy:
             # earlier deadline than this.
             self._timer_at = router.next_deadline()
             self._after()
+
+    async def _spin_loop(self) -> None:
+        """Busy polling. A process that sleeps in epoll_wait and is woken by
+        the agent's reply pays a wake-up (on a small VM host, about as long
+        as a whole reply from an agent on the host). So after a request goes
+        to an idle agent that usually answers within config.busy_poll, this
+        task keeps the event loop turning without sleeping (each turn polls
+        the sockets, timeout 0), until the reply is in or the time is up.
+        The estimate makes it spin only where it pays: an agent in a VM
+        that takes a millisecond gets no spinning at all. Real time, not
+        trio's clock, bounds it (a test's MockClock does not move here)."""
+        router = self.router
+        while True:
+            await self._spin_wake.wait()
+            while router.in_flight() and time.perf_counter() < self._spin_until:
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- upstream ----------------------------------------------------------------------
     async def _open_upstream(self) -> trio.abc.Stream:
@@ -771,7 +813,7 @@ class Proxy:
                 while not router.can_read(client):
                     if client.closing or client.gone:
                         return
-                    await session.readable.wait()
+                    await self._pause(session)
                 data = await _receive(stream, session.fd)
                 if not data:
                     # Half-close: the client is done sending but still owed
@@ -785,7 +827,7 @@ class Proxy:
                     while not router.can_read(client):
                         if client.closing or client.gone:
                             return
-                        await session.readable.wait()
+                        await self._pause(session)
                     end = start + piece
                     if end < n:
                         # End the piece on a line break where there is one:
@@ -814,6 +856,15 @@ class Proxy:
                 del data  # not held across the next wait
         except _CONNECTION_ERRORS:
             cancel_scope.cancel()
+
+    @staticmethod
+    async def _pause(session: Session) -> None:
+        """Wait until the client's replies are taken for writing."""
+        session.paused = True
+        try:
+            await session.readable.wait()
+        finally:
+            session.paused = False
 
     async def _client_writer(self, session: Session) -> None:
         client = session.client

@@ -29,7 +29,6 @@ from __future__ import annotations
 import heapq
 import json
 import random
-import re
 import time
 from collections import deque
 from typing import Any, Callable, Mapping
@@ -214,16 +213,16 @@ _ENABLED = type("_Enabled", (), {"enabled": True})()
 
 _decode_json = json.JSONDecoder().decode
 
-# Replies longer than this are forwarded without parsing when nothing here
-# needs their content (see Router._forward_unparsed).
-LARGE_REPLY = 1 << 20
-_TAIL_ID = re.compile(rb', "id": (\d+)\}\s*$')
-_UNPARSED_RETURN = {"return": None}
+_ID_KEY = b', "id": '
 # Commands whose results the router learns from (isolation, freeze guard).
 _NEEDS_VALUE = frozenset(
     {"guest-file-open", "guest-file-close", "guest-exec", "guest-exec-status", "guest-fsfreeze-status",
      "guest-fsfreeze-thaw"}
 ) | FREEZE_COMMANDS
+
+
+# What a "qga" client may send that the proxy answers itself (negotiation.py).
+_NEGOTIATION_COMMANDS = frozenset({"request-negotiation", "query-agent", "qmp_capabilities"})
 
 
 def _not_available(why: str) -> str:
@@ -267,7 +266,8 @@ class Router:
         self._in_order: deque[Call] = deque()  # in flight, by order (no echo)
         self._deadlines: list = []  # heap of (deadline, seq, call)
         self._seq = 0
-        self._dirty: set[Client] = set()
+        # Clients with new output for the shell to write (see pop_dirty).
+        self.dirty: set[Client] = set()
         self.stale_replies = 0
         self.resyncs = 0  # resyncs the router asked for (timeouts, no-reply commands)
         self.timeouts = 0  # client requests that timed out
@@ -307,25 +307,29 @@ class Router:
         while heap and heap[0][2].done:
             heapq.heappop(heap)
         best = heap[0][0] if heap else None
-        for other in (self.upstream.next_deadline(), self.freeze.deadline()):
-            if other is not None and (best is None or other < best):
-                best = other
+        other = self.upstream.next_deadline()
+        if other is not None and (best is None or other < best):
+            best = other
+        other = self.freeze.deadline()
+        if other is not None and (best is None or other < best):
+            best = other
         return best
 
     def pop_dirty(self) -> set[Client]:
-        dirty, self._dirty = self._dirty, set()
+        dirty, self.dirty = self.dirty, set()
         return dirty
 
     def wants_write(self) -> bool:
-        if self.upstream.writing:
+        upstream = self.upstream
+        if upstream.writing:
             return False
-        if self.upstream.has_outbox():
+        if upstream.has_outbox():
             return True
-        if not self.upstream.can_send_requests():
+        if not upstream.can_send_requests():
             return False
         if self._turns:
             return self._window_open()
-        return bool(self._background.queue) and self.in_flight() == 0
+        return bool(self._background.queue) and not self._pending and not self._in_order
 
     def _echoes(self) -> bool:
         info = self.upstream.info
@@ -360,7 +364,7 @@ class Router:
         client.output.append(data)
         client.output_bytes += len(data)
         self.budget.take(len(data))
-        self._dirty.add(client)
+        self.dirty.add(client)
 
     def _negotiate(self, client: Client, request: Request) -> bytes | None:
         """The proxy's own commands for negotiation; None if not one."""
@@ -432,7 +436,7 @@ class Router:
             except ValueError:
                 pass
             client.queued_for_turn = False
-        self._dirty.discard(client)
+        self.dirty.discard(client)
         # What it left behind in the guest: close its files, and thaw a
         # freeze it owned.
         for handle in self.ownership.release(client):
@@ -453,8 +457,10 @@ class Router:
         self._last_now = now
         if client.gone or client.closing:
             return
-        small = client.decoder.buffered() + len(data) <= SMALL_MESSAGE
-        if not self.budget.reserve(len(data), overdraft=small):
+        decoder = client.decoder
+        before = decoder.buffered()
+        n = len(data)
+        if not self.budget.reserve(n, overdraft=before + n <= SMALL_MESSAGE):
             # Every byte buffered for every client counts against one
             # total: past it, the client that would cross it is refused
             # and hung up on; everyone else keeps being served.
@@ -471,13 +477,12 @@ class Router:
                 ),
             )
             return
-        before = client.decoder.buffered()
-        events = client.decoder.feed(data)
+        events = decoder.feed(data)
         # Reserved: the bytes fed. Held now: what the decoder still buffers
         # plus what it produced (accounted below per request).
-        self.budget.release(len(data) + before - client.decoder.buffered())
+        self.budget.release(n + before - decoder.buffered())
         for event in events:
-            if isinstance(event, codec.Value):
+            if type(event) is codec.Value:
                 self._on_message(client, event.value, event.size, now)
             elif isinstance(event, codec.ParseError):
                 self.observer.request_done(None, "invalid", 0.0, 0.0)
@@ -521,7 +526,7 @@ class Router:
                 slots.clear()
             moved = True
         if moved:
-            self._dirty.add(client)
+            self.dirty.add(client)
 
     def _on_message(self, client: Client, value: Any, size: int, now: float) -> None:
         checked = messages.check_request(value, size)
@@ -532,7 +537,10 @@ class Router:
         client.requests += 1
         if self.trace:
             self.observer.trace_request(client, checked)
-        local = self._negotiate(client, checked)
+        if client.protocol == "qga" and checked.execute not in _NEGOTIATION_COMMANDS:
+            local = None  # (the usual case: nothing to negotiate)
+        else:
+            local = self._negotiate(client, checked)
         if local is not None:
             self.observer.request_done(checked.execute, "error" if b'"error"' in local[:12] else "ok", 0.0, 0.0)
             self._fill(client, self._new_slot(client), local, checked.execute)
@@ -540,7 +548,9 @@ class Router:
         self._dispatch(client, checked, now)
 
     def _dispatch(self, client: Client, request: Request, now: float) -> None:
-        slot = self._new_slot(client)
+        slot = Slot()  # (_new_slot, inline: this is every request's path)
+        client.slots.append(slot)
+        client.answers += 1
         command = request.execute
         if not client.policy.allows(command):
             self.observer.denied(client, command)
@@ -583,9 +593,10 @@ class Router:
                 text = self._disabled_text.get(command)
                 if text is not None:
                     return messages.error_reply(messages.COMMAND_NOT_FOUND, text, request.has_id, request.id)
-        refused = self.freeze.refuses(request)
-        if refused is not None:
-            return refused
+        if self.freeze.frozen:
+            refused = self.freeze.refuses(request)
+            if refused is not None:
+                return refused
         return self.ownership.check(client, request)
 
     def _internal_call(self, command: str, arguments: dict | None, now: float | None = None) -> None:
@@ -714,19 +725,22 @@ class Router:
     def take_upstream_write(self, now: float) -> bytes:
         """Bytes to write to the agent now (the caller writes them all,
         then calls upstream_write_done)."""
-        if self.upstream.writing:
+        upstream = self.upstream
+        if upstream.writing:
             return b""
-        parts = [self.upstream.take_outbox()]
-        if self.upstream.can_send_requests():
-            echo = self._echoes()
+        parts = [upstream.take_outbox()] if upstream.has_outbox() else [b""]
+        if upstream.can_send_requests():
+            info = upstream.info
+            echo = info.echoes_id if info is not None else True  # (_echoes)
             limit = self.window if echo else 1
-            info = self.upstream.info
-            while self.in_flight() < limit:
-                if self._turns:
-                    client = self._turns.popleft()
+            pending = self._pending
+            turns = self._turns
+            while len(pending) + len(self._in_order) < limit:
+                if turns:
+                    client = turns.popleft()
                     call = client.queue.popleft()
                     if client.queue:
-                        self._turns.append(client)
+                        turns.append(client)
                     else:
                         client.queued_for_turn = False
                 elif self._background.queue and self.in_flight() == 0 and not parts[1:]:
@@ -744,10 +758,10 @@ class Router:
                     continue
                 request = call.request
                 if echo:
-                    call.up_id = self._next_up_id
-                    self._next_up_id += 1
-                    call.up_id_text = str(call.up_id).encode()
-                    self._pending[call.up_id] = call
+                    call.up_id = up_id = self._next_up_id
+                    self._next_up_id = up_id + 1
+                    call.up_id_text = b"%d" % up_id
+                    pending[up_id] = call
                 else:
                     self._in_order.append(call)
                 call.sent = now
@@ -765,7 +779,7 @@ class Router:
                     break
         data = b"".join(parts)
         if data:
-            self.upstream.write_started()
+            upstream.write_started()
         return data
 
     def upstream_write_done(self, now: float) -> None:
@@ -773,6 +787,15 @@ class Router:
 
     def upstream_data(self, data: bytes, now: float) -> None:
         self._last_now = now
+        if (
+            data[-1:] == b"\n"
+            and self._replies.idle()
+            and data.find(b"\n") == len(data) - 1
+            and b"\xff" not in data
+            and len(data) <= self._replies.max_line
+            and self._forward_unparsed(data, now)
+        ):
+            return  # the usual read: one whole ordinary reply
         for event in self._replies.feed(data):
             if isinstance(event, codec.Line):
                 self._on_line(event.raw, now)
@@ -780,7 +803,7 @@ class Router:
                 self.observer.garbage(event.dropped)
 
     def _on_line(self, raw: bytes, now: float) -> None:
-        if len(raw) > LARGE_REPLY and self._forward_unparsed(raw, now):
+        if self._forward_unparsed(raw, now):
             return
         try:
             try:
@@ -818,25 +841,41 @@ class Router:
         self._complete(call, raw, value, now)
 
     def _forward_unparsed(self, raw: bytes, now: float) -> bool:
-        """A large reply (guest-file-read's, up to 64 MiB) that nothing here
-        needs to look into goes to its client without being parsed: only
-        its id is read, from its end, where the agent writes it."""
-        if self.upstream.syncing or self.trace or not self._echoes() or not raw.startswith(b'{"return": '):
+        """An ordinary reply (a "return" to a client's request that nothing
+        here learns from) goes to its client without being parsed: only its
+        id is read, from its end, where the agent writes it; the rest is
+        passed on as the agent wrote it, however large (guest-file-read's
+        are up to 64 MiB). raw: one line, with or without its newline.
+        False when the reply needs the general path (which parses it)."""
+        if not raw.startswith(b'{"return": ') or self.upstream.syncing or self.trace or not self._echoes():
             return False
-        m = _TAIL_ID.search(raw, len(raw) - 64)
-        if m is None:
+        end = len(raw) - 1 if raw[-1] == 0x0A else len(raw)
+        if raw[end - 1] != 0x7D:  # "}"
             return False
-        call = self._pending.get(int(m.group(1)))
-        if (
-            call is None
-            or call.done
-            or call.on_reply is not None
-            or call.client.internal
-            or call.request.execute in _NEEDS_VALUE
-        ):
+        pos = raw.rfind(_ID_KEY, max(0, end - 48), end)
+        if pos < 0:
+            return False
+        digits = raw[pos + len(_ID_KEY) : end - 1]
+        call = self._pending.get(int(digits)) if digits.isdigit() else None
+        if call is None or call.done or call.on_reply is not None or call.up_id_text != digits:
+            return False
+        client = call.client
+        request = call.request
+        # What _learn looks at: a command it learns from, a freeze, a
+        # client gone (its handles and pids are released).
+        if client.internal or client.gone or request.execute in _NEEDS_VALUE or self.freeze.frozen:
             return False
         del self._pending[call.up_id]
-        self._complete(call, raw, _UNPARSED_RETURN, now)
+        call.done = True
+        client_id = request.id_json()
+        tail = b"}\n" if client_id is None else b"".join((_ID_KEY, client_id, b"}\n"))
+        with memoryview(raw) as view:  # one copy of the agent's text
+            data = b"".join((view[:pos], tail))
+        if self.audit:
+            self.observer.audit(client, request, "ok", now - call.received)
+        sent = call.sent if call.sent is not None else now
+        self.observer.request_done(request.execute, "ok", now - sent, sent - call.received)
+        self._fill(client, call.slot, data)
         return True
 
     def _complete(self, call: Call, raw: bytes, value: dict, now: float) -> None:
