@@ -331,6 +331,12 @@ def relay(upstream_path, tmp: Path):
     return process(argv, listen, "the relay"), listen
 
 
+def floor(tmp: Path):
+    listen = tmp / ("floor-%d.sock" % random.randrange(1 << 30))
+    argv = [sys.executable, str(ROOT / "bench" / "floor.py"), str(listen)]
+    return process(argv, listen, "the floor server"), listen
+
+
 def sim(tmp: Path, *extra: str):
     listen = tmp / ("sim-%d.sock" % random.randrange(1 << 30))
     argv = [sys.executable, "-m", "qgaproxy.sim", "--listen", str(listen), *extra]
@@ -425,6 +431,14 @@ class Run:
     def host(self) -> None:
         with RealAgent(verbose=False) as agent:
             self.agent_figures("host", agent.path)
+        # (b)'s floor: a trio server answering 16 clients itself, no agent.
+        ctx, listen = floor(self.tmp)
+        with ctx as proc:
+            before, t = cpu_seconds(proc.pid), time.perf_counter()
+            rate = through_proxy(listen, 16, self.seconds)
+            used, elapsed = cpu_seconds(proc.pid) - before, time.perf_counter() - t
+        self.r["host"]["floor_16_rps"] = round(rate)
+        self.r["host"]["floor_cpu_us_per_request"] = round(used / (rate * elapsed) * 1e6, 1)
 
     def simulated(self) -> None:
         ctx, path = sim(self.tmp, "--latency", str(SIM_LATENCY))
@@ -560,6 +574,9 @@ def targets(r: dict) -> list[dict]:
         row("(a) host: proxy p50 / relay p50", round(host["proxy"]["p50_us"] / host["relay"]["p50_us"], 2), 1.3, "<=")
         row("(b) host: 16 clients / direct pipelining",
             round(host["proxy_clients_rps"]["16"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        if "floor_16_rps" in host:
+            row("(b) host: trio floor, 16 clients answered without an agent / direct pipelining (reference)",
+                round(host["floor_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         row("(b) host: 1 client pipelining, proxy / direct (reference)",
             round(host["proxy_pipelining_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         row("(c) host: proxy 16 clients / Proxmox-style",
@@ -623,6 +640,10 @@ def markdown(r: dict) -> str:
                 name, a["direct_pipelining_rps"], a["proxy_pipelining_rps"],
                 " | ".join(str(c.get(k, "-")) for k in ("1", "4", "16", "64")),
                 "%s / %s µs" % (cpu.get("1", "-"), cpu.get("16", "-")) if cpu else "-"))
+    host = r.get("host", {})
+    if "floor_16_rps" in host:
+        out += ["", "The trio floor (bench/floor.py: one trio task per client answering each ping itself, no agent): "
+                "%s requests/s with 16 clients, %s µs of its CPU per request." % (host["floor_16_rps"], host["floor_cpu_us_per_request"])]
     out += ["", "## (c) Sharing one agent among 16 clients (requests per second)", "",
             "| agent | Proxmox-style | libvirt-style | through the proxy |", "|---|---|---|---|"]
     for name in ("host", "sim", "vm"):

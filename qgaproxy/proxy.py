@@ -389,6 +389,7 @@ class Proxy:
         self._spin_wake = Signal()
         self._spin_until = 0.0
         self._reply_time = 0.0  # running estimate of the agent's reply time, seconds
+        self.busy_polls = 0  # times the spinner was started
         self._timer_at: float | None = None
         self._listeners: list[trio.SocketListener] = []
         self._bound_paths: list[str] = []  # only these socket files are ours to remove
@@ -435,6 +436,7 @@ class Proxy:
                 self._upstream_wake.set()
             elif self.config.busy_poll and self._reply_time <= self.config.busy_poll:
                 self._spin_until = time.perf_counter() + self.config.busy_poll
+                self.busy_polls += 1
                 self._spin_wake.set()
         deadline = router.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):

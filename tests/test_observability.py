@@ -892,3 +892,43 @@ async def test_disconnect_line_has_pid_and_uid(caplog):
         await until(gone, 5, "disconnect line")
     (line,) = [t for t in _messages(caplog) if " disconnected" in t]
     assert "pid %d" % os.getpid() in line and "uid %d" % os.getuid() in line, line
+
+
+def test_request_histograms_expose_what_prometheus_histograms_do():
+    """The request metrics are kept as plain counts (RequestCollector):
+    their exposition must be what prometheus_client's own Counter and
+    Histogram would write for the same observations, boundaries included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from qgaproxy.metrics import _BUCKETS, MetricsRegistry
+    from qgaproxy.upstream import Timings, Upstream
+
+    ours = MetricsRegistry()
+    metrics = ours.for_agent("vm1", Upstream(Timings()))
+    theirs = CollectorRegistry()
+    requests = Counter("qgaproxy_requests", "", ["agent", "command", "outcome"], registry=theirs)
+    duration = Histogram("qgaproxy_request_duration_seconds", "", ["agent", "command"], buckets=_BUCKETS, registry=theirs)
+    wait = Histogram("qgaproxy_request_queue_wait_seconds", "", ["agent", "command"], buckets=_BUCKETS, registry=theirs)
+    values = list(_BUCKETS) + [b * 0.999 for b in _BUCKETS] + [b * 1.001 for b in _BUCKETS] + [1e-7, 61.0, 3600.0]
+    for i, value in enumerate(values):
+        outcome = ("ok", "error", "timeout")[i % 3]
+        metrics.request_done("guest-ping", outcome, value, value / 3)
+        requests.labels("vm1", "other", outcome).inc()
+        if outcome != "timeout":
+            duration.labels("vm1", "other").observe(value)
+        wait.labels("vm1", "other").observe(value / 3)
+
+    def samples(text: bytes) -> dict:
+        out = {}
+        for line in text.decode().splitlines():
+            if line.startswith("qgaproxy_request") and "_created" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    want = samples(generate_latest(theirs))
+    got = {k: v for k, v in samples(ours.exposition()).items() if k.split("{")[0] in {n.split("{")[0] for n in want}}
+    assert len(want) == 2 * (len(_BUCKETS) + 3) + 3
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key

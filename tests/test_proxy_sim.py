@@ -333,3 +333,48 @@ async def test_agent_started_late_is_served_at_once(autojump_clock):
             await proxy.wait_state(State.READY)
             assert trio.current_time() - up < 1.0
             assert await c.call("guest-ping", id=2) == {"return": {}, "id": 2}
+
+
+async def test_busy_polling_only_while_the_agent_answers_within_it(autojump_clock):
+    """A request to an idle agent that usually answers within busy_poll
+    starts the spinner (the loop polls for the reply instead of sleeping);
+    once the agent answers slower (an agent in a VM), it is not started."""
+    a = agent(command_latency={})
+    async with run_proxy("sim", sim_agent=a, busy_poll=0.002) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            before = proxy.busy_polls
+            for i in range(10):
+                assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
+            assert proxy.busy_polls - before == 10
+            a.config.command_latency["guest-ping"] = 0.05  # 25 times the budget
+            for i in range(3):
+                assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
+            before = proxy.busy_polls
+            for i in range(10):
+                assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
+            assert proxy.busy_polls == before
+
+
+async def test_busy_polling_off(autojump_clock):
+    async with run_proxy("sim", sim_agent=agent(), busy_poll=0.0) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            for i in range(5):
+                assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
+        assert proxy.busy_polls == 0
+
+
+async def test_busy_polling_stops_for_a_reply_that_never_comes(autojump_clock):
+    """The spinner keeps the event loop busy, so MockClock's autojump (which
+    needs every task idle) could not reach the 5 s timeout if it spun on:
+    the timeout reply arriving shows it stopped."""
+    a = agent(drop={"guest-fsfreeze-status"})
+    async with run_proxy("sim", sim_agent=a, busy_poll=0.002, request_timeout=5.0) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            reply = await c.call("guest-fsfreeze-status", id=1)
+            assert reply["error"]["desc"] == TIMEOUT_DESC % ("guest-fsfreeze-status", 5)
+            assert proxy.busy_polls >= 1
+            await proxy.wait_state(State.READY)
+            assert await c.call("guest-ping", id=2) == {"return": {}, "id": 2}
