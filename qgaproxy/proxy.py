@@ -724,9 +724,17 @@ class Proxy:
             else:
                 data = self._take_upstream(trio.current_time())
             if data:
+                # What the kernel takes at once, on the spot; the rest with
+                # send_all (which waits until the agent reads).
+                sent = _write_now(self._up_fd, data) if self._up_fd >= 0 else 0
+                if sent:
+                    data = memoryview(data)[sent:]
                 self._up_sending = True
                 try:
-                    await stream.send_all(data)
+                    if data:
+                        await stream.send_all(data)
+                    else:
+                        await trio.lowlevel.checkpoint()  # (send_all would have let others run)
                 except _CONNECTION_ERRORS as exc:
                     self.log.warning("writing to the agent channel failed: %s", exc.__cause__ or exc)
                     cancel_scope.cancel()

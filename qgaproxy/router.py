@@ -787,15 +787,19 @@ class Router:
 
     def upstream_data(self, data: bytes, now: float) -> None:
         self._last_now = now
-        if (
-            data[-1:] == b"\n"
-            and self._replies.idle()
-            and data.find(b"\n") == len(data) - 1
-            and b"\xff" not in data
-            and len(data) <= self._replies.max_line
-            and self._forward_unparsed(data, now)
-        ):
-            return  # the usual read: one whole ordinary reply
+        if data[-1:] == b"\n" and b"\xff" not in data and len(data) <= self._replies.max_line and self._replies.idle():
+            # The usual read: whole lines and nothing held from before, so
+            # the decoder would make just these lines: spare it the copies.
+            if data.find(b"\n") == len(data) - 1:  # one line (a lone client's reply)
+                if not self._forward_unparsed(data, now) and not data.isspace():
+                    self._on_line(data[:-1], now)
+                return
+            lines = data.split(b"\n")
+            lines.pop()  # (empty: after the last newline)
+            for line in lines:
+                if line and not line.isspace():  # (the decoder skips blank lines)
+                    self._on_line(line, now)
+            return
         for event in self._replies.feed(data):
             if isinstance(event, codec.Line):
                 self._on_line(event.raw, now)
