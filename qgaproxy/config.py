@@ -100,7 +100,7 @@ class AgentSettings:
     connect_timeout: float = 5.0
     freeze_max: float = 600.0
     guest_metrics_interval: float = 0.0
-    busy_poll_us: int = 50
+    busy_poll_us: int = 200
     command_timeouts: tuple = tuple(sorted(DEFAULT_COMMAND_TIMEOUTS.items()))
 
 

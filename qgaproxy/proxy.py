@@ -81,7 +81,7 @@ class ProxyConfig:
     # Busy polling (seconds; 0: off): after a request goes to an idle
     # agent that usually answers within this time, the event loop keeps
     # polling instead of sleeping, for at most this long (see _spin_loop).
-    busy_poll: float = 50e-6
+    busy_poll: float = 200e-6
     # unix-listen: who may connect as the channel (QEMU's uid); empty: any
     # peer the socket's mode (0660) lets in.
     upstream_peer_uids: tuple = ()
