@@ -583,12 +583,17 @@ def targets(r: dict) -> list[dict]:
             round(host["proxy_clients_rps"]["16"] / host["proxmox_style_16_rps"], 1), 10, ">=")
         row("(c) host: proxy 16 clients / libvirt-style",
             round(host["proxy_clients_rps"]["16"] / host["libvirt_style_16_rps"], 1), 2, ">=")
+        row("(c) host: the agent's own capacity (direct pipelining) / Proxmox-style (reference: "
+            "under 10, 10x Proxmox-style is more than the agent can answer)",
+            round(host["direct_pipelining_rps"] / host["proxmox_style_16_rps"], 1), 10, ">=")
     vm = r.get("vm", {})
     if "proxy_clients_rps" in vm:
         row("(c) VM: proxy 16 clients / Proxmox-style",
             round(vm["proxy_clients_rps"]["16"] / vm["proxmox_style_16_rps"], 1), 10, ">=")
         row("(c) VM: proxy 16 clients / libvirt-style",
             round(vm["proxy_clients_rps"]["16"] / vm["libvirt_style_16_rps"], 1), 2, ">=")
+        row("(c) VM: the agent's own capacity (direct pipelining) / Proxmox-style (reference, as for the host)",
+            round(vm["direct_pipelining_rps"] / vm["proxmox_style_16_rps"], 1), 10, ">=")
         row("(b) VM: 16 clients / direct pipelining",
             round(vm["proxy_clients_rps"]["16"] / vm["direct_pipelining_rps"], 2), 0.5, ">=")
     if "proxy" in vm:
