@@ -23,7 +23,15 @@ def client_seeds() -> list[bytes]:
         parts = case.get("input_parts")
         if parts:
             out.append("".join(parts).encode("latin-1"))
+    out += FOUND
     return [data for data in out if len(data) <= 4096]
+
+
+# Inputs that once made a harness fail, kept as seeds so every run tries them.
+FOUND = [
+    # fuzz_requests: a number past a double's range was sent on as "inf".
+    b'{"execute": "guest-sync", "arguments": {"id": 184E6744073749561}}615\n',
+]
 
 
 def agent_seeds() -> list[bytes]:

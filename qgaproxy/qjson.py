@@ -481,8 +481,9 @@ def dumps(value: Any, qdict_order: bool = True) -> str:
     """Serialize like qobject_to_json().
 
     qdict_order=True orders object members as QEMU iterates them (what the
-    agent writes). qdict_order=False keeps insertion order: use it for
-    text the agent will parse, so that it rebuilds the very same QDict."""
+    agent writes). qdict_order=False keeps insertion order and writes
+    infinities as numbers (1e999): use it for text the agent will parse,
+    so that it rebuilds the very same QDict with the same values."""
     out: list[str] = []
     _dump(value, out, qdict_order)
     return "".join(out)
@@ -520,7 +521,13 @@ def _dump(value: Any, out: list[str], ordered: bool) -> None:
         elif isinstance(value, int):
             emit(str(value))
         elif isinstance(value, float):
-            emit("%.17g" % value)
+            if ordered or value - value == 0.0 or value != value:  # (finite, or NaN, which no literal makes)
+                emit("%.17g" % value)  # the agent's own "inf" in what it writes
+            else:
+                # For the agent to parse: a number past the range of a
+                # double, which its strtod reads as the same infinity
+                # ("inf" would be a lexical error there).
+                emit("1e999" if value > 0 else "-1e999")
         elif isinstance(value, dict):
             if not value:
                 emit("{}")

@@ -416,6 +416,10 @@ BAD_INPUT = {
     "long-float-id": b'{"execute": "guest-ping", "id": 0.' + b"1" * 3000 + b"e-5}",
     "long-bad-keyword": b'{"execute": "guest-ping", "id": ' + b"x" * 3000 + b"}",
     "long-string-id": b'{"execute": "guest-ping", "id": "' + b"\\u00e9" * 20000 + b'"}',
+    # Numbers past a double's range are infinite to the agent's strtod; the
+    # proxy's copy of the request must be too (found by fuzz_requests).
+    "infinite-argument": b'{"execute": "guest-sync", "arguments": {"id": 184E6744073749561}, "id": 8}',
+    "negative-infinite-argument": b'{"execute": "guest-file-read", "arguments": {"handle": -1e400}, "id": 9}',
 }
 
 
