@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from .exporter import GuestCollector, GuestState
@@ -112,11 +114,12 @@ class RequestHistogram:
     """A histogram kept as plain counts, one per bucket of _BUCKETS and one
     for +Inf (not cumulative until collected)."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "total", "created")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BUCKETS) + 1)
         self.total = 0.0
+        self.created = time.time()  # (the _created series, as prometheus_client writes it)
 
     def observe(self, amount: float) -> None:
         self.counts[bisect.bisect_left(_BUCKETS, amount)] += 1
@@ -159,11 +162,15 @@ class RequestCollector:
     def collect(self):
         requests, histograms = self._families()
         for name, metrics in list(self.agents.items()):
+            created = metrics._requests_created
             for (command, outcome), count in list(metrics._requests.items()):
-                requests.add_metric([name, command, outcome], count)
+                requests.add_metric([name, command, outcome], count, created=created.get((command, outcome)))
             for family, attr in histograms:
                 for command, histogram in list(getattr(metrics, attr).items()):
                     family.add_metric([name, command], histogram.buckets(), histogram.total)
+                    family.samples.append(
+                        Sample(family.name + "_created", {"agent": name, "command": command}, histogram.created)
+                    )
         yield requests
         for family, _ in histograms:
             yield family
@@ -203,12 +210,14 @@ class Metrics(Observer):
         self.connects = f.connects.labels(name)
         # Read by RequestCollector at scrape time.
         self._requests: dict[tuple[str, str], int] = {}  # (command label, outcome) -> count
+        self._requests_created: dict[tuple[str, str], float] = {}  # when each count started
         self._durations: dict[str, RequestHistogram] = {}  # command label -> its histogram
         self._waits: dict[str, RequestHistogram] = {}
         self._listeners: set[str] = set()
         previous = f.requests.agents.get(name)
         if previous is not None:  # the same agent again (a reload): its counts go on
             self._requests, self._durations, self._waits = previous._requests, previous._durations, previous._waits
+            self._requests_created = previous._requests_created
         f.requests.agents[name] = self
         self.bytes_client_in = f.tally(f.bytes.labels(name, "client", "in"))
         self.bytes_client_out = f.tally(f.bytes.labels(name, "client", "out"))
@@ -263,7 +272,11 @@ class Metrics(Observer):
         label = self._command_label(command)
         key = (label, outcome)
         requests = self._requests
-        requests[key] = requests.get(key, 0) + 1
+        count = requests.get(key)
+        if count is None:
+            count = 0
+            self._requests_created[key] = time.time()
+        requests[key] = count + 1
         if duration > 0 and (outcome == "ok" or outcome == "error"):
             histogram = self._durations.get(label)
             if histogram is None:

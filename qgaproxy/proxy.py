@@ -217,7 +217,10 @@ class _Fanout(Observer):
     def request_done(self, command, outcome, duration, queued):
         proxy = self.proxy
         if duration > 0.0:  # it went to the agent: how long the agent took
-            proxy._reply_time += (duration - proxy._reply_time) * REPLY_TIME_WEIGHT
+            # Capped: one timeout (5 s) must not turn polling off for the
+            # next hundred requests; a slow agent still pushes it off.
+            sample = min(duration, 2 * proxy.config.busy_poll)
+            proxy._reply_time += (sample - proxy._reply_time) * REPLY_TIME_WEIGHT
         # Counted after the replies are written (Proxy._after): off the
         # path a reply takes.
         done = proxy._done
@@ -420,24 +423,21 @@ class Proxy:
         router = self.router
         # Replies first: a reply's latency ends when it is written.
         if router.dirty:
-            for client in router.pop_dirty():
-                session = self._sessions.get(client)
-                if session is not None:
-                    if session.fd >= 0 and not session.sending and not session.rest:
-                        self._write_client_now(session)
-                        if not (session.rest or client.output or client.wants_close() or client.gone):
-                            continue  # all written: no need to wake the writer
-                    session.writable.set()
+            self._write_replies()
         if router.wants_write():
             # On the spot when the agent is idle: that is the latency a lone
             # request sees. When it is busy anyway, the writer task's next
             # turn sends everything the clients queued meanwhile in one write.
             if self._up_fd < 0 or self._up_sending or self._up_rest or router.in_flight() or self._write_upstream_now():
                 self._upstream_wake.set()
-            elif self.config.busy_poll and self._reply_time <= self.config.busy_poll:
+            elif self.config.busy_poll and self._reply_time <= self.config.busy_poll and router.in_flight():
                 self._spin_until = time.perf_counter() + self.config.busy_poll
                 self.busy_polls += 1
                 self._spin_wake.set()
+            if router.dirty:
+                # What taking the upstream write answered itself (a sync
+                # that waited for the channel to be ready).
+                self._write_replies()
         deadline = router.next_deadline()
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             self._timer_at = deadline
@@ -446,6 +446,23 @@ class Proxy:
             self._count_done()
         if self._draining:
             self._drained.set()
+
+    def _write_replies(self) -> None:
+        """Write what clients are owed, on the spot where their sockets take
+        it; wake the writer tasks for the rest, and readers paused on what
+        they were owed (a reply of nothing, for a command that never
+        answers, also lowers it)."""
+        for client in self.router.pop_dirty():
+            session = self._sessions.get(client)
+            if session is None:
+                continue
+            if session.paused:
+                session.readable.set()
+            if session.fd >= 0 and not session.sending and not session.rest:
+                self._write_client_now(session)
+                if not (session.rest or client.output or client.wants_close() or client.gone):
+                    continue  # all written: no need to wake the writer
+            session.writable.set()
 
     def _count_done(self) -> None:
         done, self._done = self._done, []

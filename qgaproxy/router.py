@@ -214,6 +214,9 @@ _ENABLED = type("_Enabled", (), {"enabled": True})()
 _decode_json = json.JSONDecoder().decode
 
 _ID_KEY = b', "id": '
+# Lines longer than this are passed on without being parsed (see
+# Router._forward_unparsed); shorter ones are checked to be one JSON object.
+LARGE_REPLY = 1 << 20
 # Commands whose results the router learns from (isolation, freeze guard).
 _NEEDS_VALUE = frozenset(
     {"guest-file-open", "guest-file-close", "guest-exec", "guest-exec-status", "guest-fsfreeze-status",
@@ -846,11 +849,14 @@ class Router:
 
     def _forward_unparsed(self, raw: bytes, now: float) -> bool:
         """An ordinary reply (a "return" to a client's request that nothing
-        here learns from) goes to its client without being parsed: only its
-        id is read, from its end, where the agent writes it; the rest is
-        passed on as the agent wrote it, however large (guest-file-read's
-        are up to 64 MiB). raw: one line, with or without its newline.
-        False when the reply needs the general path (which parses it)."""
+        here learns from) goes to its client the short way: its id is read
+        from its end, where the agent writes it, and the rest is passed on
+        as the agent wrote it. A line up to LARGE_REPLY is checked to be one
+        JSON object holding just "return" and that id (the guest is not
+        trusted: two objects on a line would answer a client's next request
+        for it); a longer one (guest-file-read's, up to 64 MiB) is not
+        parsed at all. raw: one line, with or without its newline. False
+        when the reply needs the general path."""
         if not raw.startswith(b'{"return": ') or self.upstream.syncing or self.trace or not self._echoes():
             return False
         end = len(raw) - 1 if raw[-1] == 0x0A else len(raw)
@@ -869,6 +875,13 @@ class Router:
         # client gone (its handles and pids are released).
         if client.internal or client.gone or request.execute in _NEEDS_VALUE or self.freeze.frozen:
             return False
+        if len(raw) <= LARGE_REPLY:
+            try:
+                value = _decode_json(raw.decode("ascii"))
+            except ValueError:  # (UnicodeDecodeError is one)
+                return False
+            if type(value) is not dict or len(value) != 2 or "return" not in value or value.get("id") != call.up_id:
+                return False
         del self._pending[call.up_id]
         call.done = True
         client_id = request.id_json()
@@ -904,12 +917,8 @@ class Router:
         data = messages.rewrite_id(raw, call.up_id_text, request.id_json(), kind)
         if self.trace:
             self.observer.trace_reply(call.client, request.execute, value)
-        self.observer.request_done(
-            request.execute,
-            "error" if kind == "error" else "ok",
-            now - (call.sent if call.sent is not None else now),
-            (call.sent or now) - call.received,
-        )
+        sent = call.sent if call.sent is not None else now
+        self.observer.request_done(request.execute, "error" if kind == "error" else "ok", now - sent, sent - call.received)
         self._fill(call.client, call.slot, data)
 
     def _complete_error(self, call: Call, desc: str, outcome: str, now: float) -> None:

@@ -348,7 +348,7 @@ async def test_busy_polling_only_while_the_agent_answers_within_it(autojump_cloc
                 assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
             assert proxy.busy_polls - before == 10
             a.config.command_latency["guest-ping"] = 0.05  # 25 times the budget
-            for i in range(3):
+            for i in range(10):
                 assert await c.call("guest-ping", id=i) == {"return": {}, "id": i}
             before = proxy.busy_polls
             for i in range(10):
@@ -378,3 +378,41 @@ async def test_busy_polling_stops_for_a_reply_that_never_comes(autojump_clock):
             assert proxy.busy_polls >= 1
             await proxy.wait_state(State.READY)
             assert await c.call("guest-ping", id=2) == {"return": {}, "id": 2}
+
+
+@pytest.mark.parametrize("freeze_status", ["enabled", "blocked"])
+async def test_sync_sent_while_syncing_is_answered_when_ready(autojump_clock, freeze_status):
+    """libvirt syncs first: a guest-sync that arrives while the proxy is still
+    syncing the channel is answered by the proxy the moment the channel is
+    ready (taking the upstream write answers it), not after some later event."""
+    a = agent(latency=0.2, blocked={"guest-fsfreeze-status"} if freeze_status == "blocked" else ())
+    async with run_proxy("sim", sim_agent=a) as proxy:
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            assert proxy.upstream.state is not State.READY
+            await c.send(b'{"execute":"guest-sync","arguments":{"id":42}}\n')
+            ready_at = []
+
+            async def note_ready():
+                await proxy.wait_state(State.READY)
+                ready_at.append(trio.current_time())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(note_ready)
+                assert await c.read_line() == b'{"return": 42}\n'
+                replied_at = trio.current_time()
+            assert replied_at == ready_at[0]
+
+
+async def test_reader_paused_on_backlog_resumes_after_a_command_that_never_answers(autojump_clock):
+    """With a backlog of one, a client's reader pauses behind guest-suspend-ram
+    (which never answers on success). Its empty reply lowers the backlog
+    without any output: the reader must still wake and read the next request."""
+    a = agent(goodbye="none")
+    async with run_proxy("sim", sim_agent=a, client_backlog=1) as proxy:
+        await wait_ready(proxy)
+        async with await Client.connect(proxy.config.listen[0]) as c:
+            await c.send({"execute": "guest-suspend-ram"})
+            await trio.sleep(1)  # (read on its own: the reader then pauses)
+            await c.send({"execute": "guest-ping", "id": 1})
+            with trio.fail_after(30):
+                assert await c.reply() == {"return": {}, "id": 1}

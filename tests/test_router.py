@@ -390,3 +390,35 @@ def test_queued_request_that_times_out_gives_its_bytes_back():
     assert len(h.output(c)) == 2
     assert c.queued_bytes == 0
     assert h.router.budget.used == 0
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"return": {}} {"return": {"forged": true}, "id": %d}',  # two objects: one would answer the next request
+        b'{"return": oops, "id": %d}',  # not JSON
+        b'{"return": "\xff\xfe", "id": %d}',  # not ASCII: the agent escapes everything else
+    ],
+)
+def test_malformed_reply_with_a_pending_id_reaches_no_client(line):
+    """The guest is not trusted: a line that ends with a pending request's id
+    but is not one well-formed reply is dropped, however it arrives, and the
+    request times out as for any lost reply."""
+    for split in (False, True):
+        h = Harness(timeout=5.0)
+        h.connect()
+        c = h.router.add_client()
+        send(h, c, '{"execute": "guest-ping", "id": 1}')
+        sent = h.write_upstream()
+        ident = int(sent[sent.rindex(b'"id": ') + 6 : sent.rindex(b"}")])
+        raw = (line % ident) + b"\n"
+        if split:  # byte by byte: through the decoder
+            for i in range(len(raw)):
+                h.router.upstream_data(raw[i : i + 1], h.now)
+        else:
+            h.router.upstream_data(raw, h.now)
+        assert h.output(c) == [], (split, raw)
+        h.advance(5.0)
+        assert [json.loads(x)["error"]["desc"] for x in h.output(c)] == [
+            "Guest agent command 'guest-ping' timed out after 5 seconds"
+        ]
