@@ -112,22 +112,33 @@ def _no_words(name: str, words: list[str]) -> None:
 # -- the forms -----------------------------------------------------------------
 
 
-def ping(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("ping", words)
-    value = client.execute("guest-ping")
-    if out.raw:
-        out.json(value)
-    else:
-        out.line("ok")
-    return 0
+def _shows(name: str, command: str):
+    """A form that takes no words and shows one command's result: as JSON
+    with Output.raw, else as the decorated function writes it."""
+
+    def wrap(render: Callable[[Any, Output], None]) -> Callable[..., int]:
+        def form(client: AgentClient, words: list[str], out: Output) -> int:
+            _no_words(name, words)
+            value = client.execute(command)
+            if out.raw:
+                out.json(value)
+            else:
+                render(value, out)
+            return 0
+
+        form.__name__, form.__doc__ = render.__name__, render.__doc__
+        return form
+
+    return wrap
 
 
-def info(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("info", words)
-    value = client.execute("guest-info")
-    if out.raw:
-        out.json(value)
-        return 0
+@_shows("ping", "guest-ping")
+def ping(value, out: Output) -> None:
+    out.line("ok")
+
+
+@_shows("info", "guest-info")
+def info(value, out: Output) -> None:
     commands = value.get("supported_commands", [])
     enabled = sorted(c["name"] for c in commands if c.get("enabled"))
     disabled = sorted(c["name"] for c in commands if not c.get("enabled"))
@@ -138,32 +149,22 @@ def info(client: AgentClient, words: list[str], out: Output) -> int:
         if names:
             out.line(textwrap.fill(" ".join(names), width=78, initial_indent="  ", subsequent_indent="  ",
                                    break_on_hyphens=False))
-    return 0
 
 
 _OSINFO_ORDER = ("pretty-name", "name", "id", "version", "version-id", "variant", "variant-id",
                  "kernel-release", "kernel-version", "machine")
 
 
-def osinfo(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("osinfo", words)
-    value = client.execute("guest-get-osinfo")
-    if out.raw:
-        out.json(value)
-        return 0
+@_shows("osinfo", "guest-get-osinfo")
+def osinfo(value, out: Output) -> None:
     keys = [k for k in _OSINFO_ORDER if k in value] + [k for k in value if k not in _OSINFO_ORDER]
     width = max((len(k) for k in keys), default=0)
     for key in keys:
         out.line("%s  %s" % ((key + ":").ljust(width + 1), value[key]))
-    return 0
 
 
-def ifconfig(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("ifconfig", words)
-    value = client.execute("guest-network-get-interfaces")
-    if out.raw:
-        out.json(value)
-        return 0
+@_shows("ifconfig", "guest-network-get-interfaces")
+def ifconfig(value, out: Output) -> None:
     rows = []
     for nif in value:
         addresses = ["%s/%s" % (a.get("ip-address", "?"), a.get("prefix", "?")) for a in nif.get("ip-addresses", [])]
@@ -178,15 +179,10 @@ def ifconfig(client: AgentClient, words: list[str], out: Output) -> int:
         for address in addresses[1:]:
             rows.append(["", "", "", "", address])
     out.line(table(["INTERFACE", "HARDWARE ADDRESS", "RX", "TX", "ADDRESS"], rows))
-    return 0
 
 
-def fsinfo(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("fsinfo", words)
-    value = client.execute("guest-get-fsinfo")
-    if out.raw:
-        out.json(value)
-        return 0
+@_shows("fsinfo", "guest-get-fsinfo")
+def fsinfo(value, out: Output) -> None:
     rows = []
     for fs in sorted(value, key=lambda f: f.get("mountpoint", "")):
         used, total = fs.get("used-bytes"), fs.get("total-bytes")
@@ -194,7 +190,6 @@ def fsinfo(client: AgentClient, words: list[str], out: Output) -> int:
         rows.append([fs.get("mountpoint", "?"), fs.get("type", "?"), fs.get("name", "?"),
                      human_size(used), human_size(total), percent])
     out.line(table(["MOUNTPOINT", "TYPE", "DEVICE", "USED", "TOTAL", "USE%"], rows))
-    return 0
 
 
 def cat(client: AgentClient, words: list[str], out: Output) -> int:
@@ -241,31 +236,26 @@ def freeze(client: AgentClient, words: list[str], out: Output) -> int:
         value = client.execute("guest-fsfreeze-freeze-list", {"mountpoints": list(words)})
     else:
         value = client.execute("guest-fsfreeze-freeze")
-    return _filesystems(out, value, "frozen")
-
-
-def thaw(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("thaw", words)
-    return _filesystems(out, client.execute("guest-fsfreeze-thaw"), "thawed")
-
-
-def _filesystems(out: Output, count, done: str) -> int:
-    """The agent's count of filesystems frozen or thawed."""
-    if out.raw:
-        out.json(count)
-    else:
-        out.line("%s filesystem%s %s" % (count, "" if count == 1 else "s", done))
-    return 0
-
-
-def fsfreeze_status(client: AgentClient, words: list[str], out: Output) -> int:
-    _no_words("fsfreeze-status", words)
-    value = client.execute("guest-fsfreeze-status")
     if out.raw:
         out.json(value)
     else:
-        out.line(str(value))
+        out.line(_filesystems(value, "frozen"))
     return 0
+
+
+@_shows("thaw", "guest-fsfreeze-thaw")
+def thaw(count, out: Output) -> None:
+    out.line(_filesystems(count, "thawed"))
+
+
+def _filesystems(count, done: str) -> str:
+    """The agent's count of filesystems frozen or thawed, for a person."""
+    return "%s filesystem%s %s" % (count, "" if count == 1 else "s", done)
+
+
+@_shows("fsfreeze-status", "guest-fsfreeze-status")
+def fsfreeze_status(value, out: Output) -> None:
+    out.line(str(value))
 
 
 def exec_(client: AgentClient, words: list[str], out: Output, *, timeout: float | None = None) -> int:
