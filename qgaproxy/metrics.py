@@ -393,36 +393,42 @@ async def _handle_http(metrics: MetricsRegistry, stream: trio.SocketStream) -> N
         await stream.aclose()
 
 
-def _health(metrics: MetricsRegistry, path: bytes, query: bytes) -> tuple[int, bytes]:
+def _json_body(value, sort_keys: bool = False) -> bytes:
     import json
+
+    return json.dumps(value, sort_keys=sort_keys).encode() + b"\n"
+
+
+def _for_agent(by_agent: dict, query: bytes) -> tuple[dict | None, tuple[int, bytes] | None]:
+    """(by_agent, None), or (only its entry, None) for the agent ?agent=NAME
+    names, or (None, the 404 response) when NAME is not there."""
     from urllib.parse import parse_qs
 
+    wanted = parse_qs(query.decode("ascii", "replace")).get("agent")
+    if not wanted:
+        return by_agent, None
+    if wanted[0] not in by_agent:
+        return None, (404, _json_body({"status": "unknown agent", "agent": wanted[0]}))
+    return {wanted[0]: by_agent[wanted[0]]}, None
+
+
+def _health(metrics: MetricsRegistry, path: bytes, query: bytes) -> tuple[int, bytes]:
     if path == b"/readyz":
         ok = metrics.serving
-        return (200 if ok else 503), json.dumps({"status": "ok" if ok else "starting"}).encode() + b"\n"
-    states = metrics.health()
-    wanted = parse_qs(query.decode("ascii", "replace")).get("agent")
-    if wanted:
-        if wanted[0] not in states:
-            return 404, json.dumps({"status": "unknown agent", "agent": wanted[0]}).encode() + b"\n"
-        states = {wanted[0]: states[wanted[0]]}
+        return (200 if ok else 503), _json_body({"status": "ok" if ok else "starting"})
+    states, unknown = _for_agent(metrics.health(), query)
+    if unknown:
+        return unknown
     ok = bool(states) and all(state == "ready" for state in states.values())
-    body = {"status": "ok" if ok else "unavailable", "agents": states}
-    return (200 if ok else 503), json.dumps(body, sort_keys=True).encode() + b"\n"
+    return (200 if ok else 503), _json_body({"status": "ok" if ok else "unavailable", "agents": states}, True)
 
 
 def _status(metrics: MetricsRegistry, query: bytes) -> tuple[int, bytes]:
     """{"agents": {name: status}} (status.py), or one agent's with ?agent=NAME."""
-    import json
-    from urllib.parse import parse_qs
-
-    statuses = metrics.status()
-    wanted = parse_qs(query.decode("ascii", "replace")).get("agent")
-    if wanted:
-        if wanted[0] not in statuses:
-            return 404, json.dumps({"status": "unknown agent", "agent": wanted[0]}).encode() + b"\n"
-        statuses = {wanted[0]: statuses[wanted[0]]}
-    return 200, json.dumps({"agents": statuses}, sort_keys=True).encode() + b"\n"
+    statuses, unknown = _for_agent(metrics.status(), query)
+    if unknown:
+        return unknown
+    return 200, _json_body({"agents": statuses}, True)
 
 
 async def _respond(stream, status: int, body: bytes, ctype: bytes = b"text/plain; charset=utf-8", head=False):
