@@ -111,15 +111,19 @@ def sequential(path, n: int) -> list[float]:
     for _ in range(min(200, n)):  # warm-up
         s.sendall(PING)
         read_line(s, buf)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        s.sendall(PING)
-        line = read_line(s, buf)
-        times.append(time.perf_counter() - t)
-        assert line == PONG, line
+    times = [timed_ping(s, buf) for _ in range(n)]
     s.close()
     return times
+
+
+def timed_ping(s: socket.socket, buf: bytearray) -> float:
+    """One guest-ping round trip, seconds."""
+    t = time.perf_counter()
+    s.sendall(PING)
+    line = read_line(s, buf)
+    elapsed = time.perf_counter() - t
+    assert line == PONG, line
+    return elapsed
 
 
 def pipelining(path, seconds: float, depth: int = 32) -> float:
@@ -267,11 +271,7 @@ def timeout_recovery(path, rounds: int) -> list[float]:
         s.sendall(b'{"execute":"guest-get-time"}\n')
         line = read_line(s, buf)
         assert b"timed out" in line, line
-        t = time.perf_counter()
-        s.sendall(PING)
-        line = read_line(s, buf)
-        out.append(time.perf_counter() - t)
-        assert line == PONG, line
+        out.append(timed_ping(s, buf))
     s.close()
     return out
 

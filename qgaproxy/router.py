@@ -793,10 +793,6 @@ class Router:
         if data[-1:] == b"\n" and b"\xff" not in data and len(data) <= self._replies.max_line and self._replies.idle():
             # The usual read: whole lines and nothing held from before, so
             # the decoder would make just these lines: spare it the copies.
-            if data.find(b"\n") == len(data) - 1:  # one line (a lone client's reply)
-                if not self._forward_unparsed(data, now) and not data.isspace():
-                    self._on_line(data[:-1], now)
-                return
             lines = data.split(b"\n")
             lines.pop()  # (empty: after the last newline)
             for line in lines:
@@ -855,11 +851,11 @@ class Router:
         JSON object holding just "return" and that id (the guest is not
         trusted: two objects on a line would answer a client's next request
         for it); a longer one (guest-file-read's, up to 64 MiB) is not
-        parsed at all. raw: one line, with or without its newline. False
-        when the reply needs the general path."""
+        parsed at all. raw: one line, without its newline. False when the
+        reply needs the general path."""
         if not raw.startswith(b'{"return": ') or self.upstream.syncing or self.trace or not self._echoes():
             return False
-        end = len(raw) - 1 if raw[-1] == 0x0A else len(raw)
+        end = len(raw)
         if raw[end - 1] != 0x7D:  # "}"
             return False
         pos = raw.rfind(_ID_KEY, max(0, end - 48), end)
