@@ -43,9 +43,7 @@ import time
 
 import trio
 
-from proxyutil import NOT_AVAILABLE, Progress, _Pulse, _same_json
-
-_TIMED_OUT = re.compile(r"^Guest agent command '([^']*)' timed out after [0-9.]+ seconds$")
+from proxyutil import PipelinedClient, Progress, error_kind, reply_problem, return_fits
 _HANDLE_GONE = re.compile(r"^handle '(\d+)' has not been found$")
 
 #: Bytes of a client's file read per guest-file-read (a window of the file
@@ -72,54 +70,24 @@ def file_path(name: str) -> str:
     return "/tmp/qgaproxy-chaos-%s" % name
 
 
-async def connect_unix(path) -> trio.SocketStream:
-    """A connected unix stream. A non-blocking connect to a unix socket
-    whose listen backlog is full fails with EAGAIN, which trio takes for a
-    connect in progress and hands back an unconnected socket: check, and
-    try again (bounded by the caller's deadline)."""
-    while True:
-        stream = await trio.open_unix_socket(str(path))
-        try:
-            stream.socket.getpeername()
-            return stream
-        except OSError:
-            stream.socket.close()
-        await trio.sleep(0.01)
-
-
-class ChaosClient:
-    """One connection keeping up to `depth` requests in flight until stop is
-    set, checking every reply (see the module docstring). Counters:
-    records (kind per reply: ok, timeout, unavailable, file-gone, mismatch,
-    lost), mismatches (texts)."""
+class ChaosClient(PipelinedClient):
+    """A PipelinedClient checking every reply (see the module docstring),
+    never failing at once. Counters: kinds (per reply: ok, timeout,
+    unavailable, file-gone, mismatch, lost), mismatches (texts)."""
 
     def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int = 4,
                  call_bound: float = 30.0, pace=None, gap: float = 0.0, file_size: int = FILE_SIZE):
-        self.path = path
-        self.name = name
-        self.index = index
-        self.progress = progress
-        self.depth = depth
-        self.call_bound = call_bound
-        self.pace = pace or (lambda: trio.sleep(0.02))
-        self.gap = gap  # seconds between sends: a steady rate instead of flat out
+        super().__init__(path, name, index, progress, depth=depth, call_bound=call_bound, pace=pace, gap=gap)
         self.pattern = file_pattern(name)
-        self.stop = trio.Event()
-        self.done = trio.Event()
         self.kinds: collections.Counter = collections.Counter()
         self.ok_times: list[float] = []  # time.monotonic() of the last ok replies
         self.mismatches: list[str] = []
-        self.sent = 0
         self.handle: int | None = None
         self._opening = False
         # Reads per open: never as far as the end of the file, so that every
         # read returns bytes that show whose file it is.
         self._reads_per_open = file_size // READ_COUNT - 1
         self._reads_left = 0
-        self._outstanding: collections.deque = collections.deque()
-        self._wake = _Pulse()
-        self._sender_done = False
-        self._pace_needed = False
 
     # -- requests ---------------------------------------------------------------
     def _ident(self, k: int):
@@ -175,32 +143,18 @@ class ChaosClient:
         return "mismatch", text
 
     def _check(self, raw: bytes, expect: dict) -> str:
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            return self._mismatch(expect, "not JSON", raw)[0]
-        if not isinstance(value, dict) or len({"return", "error"} & set(value)) != 1 \
-                or set(value) - {"return", "error", "id"}:
-            return self._mismatch(expect, "not a reply", raw)[0]
-        if expect["has_id"]:
-            if "id" not in value or not _same_json(value["id"], expect["ident"]):
-                return self._mismatch(expect, "wrong id (misrouted, out of order or extra)", raw)[0]
-        elif "id" in value:
-            return self._mismatch(expect, "an id in the reply to a request without", raw)[0]
+        value, problem = reply_problem(raw, expect)
+        if problem is not None:
+            return self._mismatch(expect, problem, raw)[0]
         command = expect["command"]
         if expect["open"]:
             self._opening = False
         if "error" in value:
             error = value["error"]
             cls, desc = error.get("class"), error.get("desc", "")
-            if command.startswith("guest-nope-") and cls == "CommandNotFound" \
-                    and desc == "The command %s has not been found" % command:
-                return "ok"
-            if cls == "GenericError" and desc.startswith(NOT_AVAILABLE):
-                return "unavailable"
-            m = _TIMED_OUT.match(desc) if cls == "GenericError" else None
-            if m and m.group(1) == command:
-                return "timeout"
+            kind = error_kind(command, error)
+            if kind is not None:
+                return kind[0]
             if command == "guest-file-open" and cls == "GenericError" \
                     and desc.startswith("failed to open file '%s' " % file_path(self.name)):
                 return "file-gone"  # a new guest (QEMU restarted) without the file yet
@@ -224,115 +178,26 @@ class ChaosClient:
             if ret.get("count") != len(data) or len(data) != READ_COUNT or data not in self.pattern:
                 return self._mismatch(expect, "another file's content", raw)[0]
             return "ok"
-        good = {
-            "guest-ping": lambda r: r == {},
-            "guest-get-host-name": lambda r: isinstance(r, dict) and isinstance(r.get("host-name"), str),
-            "guest-sync": lambda r: r == expect["sync"] and type(r) is int,
-            "guest-get-time": lambda r: type(r) is int and r > 0,
-            "guest-info": lambda r: isinstance(r, dict) and "version" in r and "supported_commands" in r,
-        }.get(command)
-        if good is None or not good(ret):
+        if not return_fits(command, ret, expect):
             return self._mismatch(expect, "a reply that does not fit the command", raw)[0]
         return "ok"
 
-    # -- running ------------------------------------------------------------------
-    async def run(self) -> None:
-        from proxyutil import Client
+    # -- PipelinedClient ------------------------------------------------------------
+    def _reply(self, raw: bytes, expect: dict) -> str:
+        kind = self._check(raw, expect)
+        self.kinds[kind] += 1
+        if kind == "ok":
+            self.ok_times.append(time.monotonic())
+            del self.ok_times[:-4]
+        return kind
 
-        try:
-            with trio.fail_after(self.call_bound):
-                client = Client(await connect_unix(self.path))
-            async with client:
-                slots = trio.Semaphore(self.depth)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._sender, client, slots)
-                    if not await self._reader(client, slots):
-                        nursery.cancel_scope.cancel()
-                        return
-                await self._final_marker(client)
-        finally:
-            self.done.set()
-            self.progress.notify()
+    def _lost(self, expect: dict, why: str, count: int) -> None:
+        self.kinds["lost"] += count
+        self._mismatch(expect, why, b"")
 
-    async def _final_marker(self, client) -> None:
-        # Its reply must be the very next line: nothing extra was waiting.
-        ident = "%s/final" % self.name
-        await client.send(b'{"execute": "guest-ping", "id": "%s"}\n' % ident.encode())
-        expect = {"k": -1, "command": "final marker", "ident": ident}
-        with trio.move_on_after(self.call_bound) as scope:
-            try:
-                raw = await client.read_line()
-            except EOFError as exc:
-                self.kinds["lost"] += 1
-                self._mismatch(expect, "connection closed (%s)" % exc, b"")
-                return
-        if scope.cancelled_caught:
-            self.kinds["lost"] += 1
-            self._mismatch(expect, "no reply within %gs" % self.call_bound, b"")
-            return
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = None
-        if not isinstance(value, dict) or value.get("id") != ident:
-            self.kinds["mismatch"] += 1
-            self._mismatch(expect, "an extra or misrouted line before the final marker", raw)
-
-    async def _sender(self, client, slots: trio.Semaphore) -> None:
-        try:
-            k = 0
-            while not self.stop.is_set():
-                await slots.acquire()
-                if self.stop.is_set():
-                    break
-                if self._pace_needed:
-                    self._pace_needed = False
-                    await self.pace()
-                if self.gap:
-                    await trio.sleep(self.gap)
-                data, expect = self._request(k)
-                self._outstanding.append(expect)
-                self._wake.set()
-                try:
-                    await client.send(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return  # the reader reports what is lost
-                self.sent = k = k + 1
-        finally:
-            self._sender_done = True
-            self._wake.set()
-
-    async def _reader(self, client, slots: trio.Semaphore) -> bool:
-        """False when a reply was lost (the connection is no use after that)."""
-        while True:
-            if not self._outstanding:
-                if self._sender_done:
-                    return True
-                await self._wake.wait()
-                continue
-            expect = self._outstanding[0]
-            raw = None
-            with trio.move_on_after(self.call_bound):
-                try:
-                    raw = await client.read_line()
-                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self.kinds["lost"] += len(self._outstanding)
-                    self._mismatch(expect, "the proxy closed the connection (%s)" % exc, b"")
-                    return False
-            if raw is None:
-                self.kinds["lost"] += len(self._outstanding)
-                self._mismatch(expect, "no reply within %gs" % self.call_bound, b"")
-                return False
-            self._outstanding.popleft()
-            kind = self._check(raw, expect)
-            self.kinds[kind] += 1
-            if kind == "ok":
-                self.ok_times.append(time.monotonic())
-                del self.ok_times[:-4]
-            elif kind == "unavailable":
-                self._pace_needed = True
-            slots.release()
-            self.progress.notify()
+    def _wrong(self, expect: dict, why: str, raw: bytes) -> None:
+        self.kinds["mismatch"] += 1
+        self._mismatch(expect, why, raw)
 
     def replies(self) -> int:
         return sum(self.kinds.values())

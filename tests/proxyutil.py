@@ -174,45 +174,223 @@ def _same_json(a, b) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) and type(a) is type(b)
 
 
-class BusyClient:
-    """One connection to the proxy keeping up to `depth` requests in flight
-    until stop is set (or `total` requests were sent), checking each reply
-    the moment it arrives; any reply that is not exactly the next one it
-    expects (id, order, body) raises AssertionError. After stop: drains,
-    then sends a final marker whose reply must be the very next line.
+def reply_problem(raw: bytes, expect: dict) -> tuple[dict | None, str | None]:
+    """(the reply, None), or (None, why it cannot be the reply `expect`
+    waits for): not JSON, not a reply, or not its id."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None, "not JSON"
+    if not isinstance(value, dict) or len({"return", "error"} & set(value)) != 1 \
+            or set(value) - {"return", "error", "id"}:
+        return None, "not a reply"
+    if expect["has_id"]:
+        if "id" not in value or not _same_json(value["id"], expect["ident"]):
+            return None, "wrong id (misrouted, out of order or extra)"
+    elif "id" in value:
+        return None, "an id in the reply to a request without"
+    return value, None
 
-    Ids: unique (default): mostly "<name>-<k>", some integers unique to the
-    client, some requests without an id. colliding=True: every client uses
-    the same id sequence (ints, strings, objects, arrays, none); then only
-    the body tells replies apart: each client rotates the command mix
-    differently and its guest-sync values and made-up commands are its own.
 
-    pace(): awaited before sending after a fast "not available" reply, so
-    that a down agent does not turn the clients into a busy loop.
-    call_bound: the longest wait for the next reply (a hang guard)."""
+def error_kind(command: str, error: dict) -> tuple[str, str] | None:
+    """(kind, detail) of an error a busy client may get: "ok" (the agent's
+    CommandNotFound for a made-up command), "unavailable" (detail: the
+    reason), "timeout"; None for any other."""
+    cls, desc = error.get("class"), error.get("desc", "")
+    if command.startswith("guest-nope-") and cls == "CommandNotFound" \
+            and desc == "The command %s has not been found" % command:
+        return "ok", ""
+    if cls == "GenericError" and desc.startswith(NOT_AVAILABLE):
+        return "unavailable", desc[len(NOT_AVAILABLE):]
+    m = _TIMED_OUT.match(desc) if cls == "GenericError" else None
+    if m and m.group(1) == command:
+        return "timeout", ""
+    return None
 
-    def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int = 8,
-                 total: int | None = None, colliding: bool = False, call_bound: float = 10.0,
-                 pace=None, mix=MIX, forbidden: re.Pattern | None = None):
+
+_FITS = {
+    "guest-ping": lambda r, expect: r == {},
+    "guest-get-host-name": lambda r, expect: isinstance(r, dict) and isinstance(r.get("host-name"), str),
+    "guest-sync": lambda r, expect: r == expect["sync"] and type(r) is int,
+    "guest-get-time": lambda r, expect: type(r) is int and r > 0,
+    "guest-info": lambda r, expect: isinstance(r, dict) and "version" in r and "supported_commands" in r,
+    "guest-get-timezone": lambda r, expect: isinstance(r, dict) and "offset" in r,
+}
+
+
+def return_fits(command: str, ret, expect: dict) -> bool:
+    """Whether a "return" value fits the command that was sent."""
+    fits = _FITS.get(command)
+    return fits is not None and fits(ret, expect)
+
+
+async def connect_unix(path) -> trio.SocketStream:
+    """A connected unix stream. A non-blocking connect to a unix socket
+    whose listen backlog is full fails with EAGAIN, which trio takes for a
+    connect in progress and hands back an unconnected socket: check, and
+    try again (bounded by the caller's deadline)."""
+    while True:
+        stream = await trio.open_unix_socket(str(path))
+        try:
+            stream.socket.getpeername()
+            return stream
+        except OSError:
+            stream.socket.close()
+        await trio.sleep(0.01)
+
+
+class PipelinedClient:
+    """One connection keeping up to `depth` requests in flight until stop is
+    set (or `total` were sent): a sender task and a reader task that takes
+    the replies in order. After stop it drains, then sends a final marker
+    whose reply must be the very next line (nothing extra was waiting).
+
+    Subclasses make the requests (_request), judge each reply (_reply,
+    which returns its kind), and say what a lost reply (_lost) or a wrong
+    line before the final marker (_wrong) means: a failure at once, or a
+    count. pace(): awaited before sending after an "unavailable" reply, so
+    that a down agent does not turn the clients into a busy loop. gap:
+    seconds between sends (a steady rate instead of flat out). call_bound:
+    the longest wait for the next reply (a hang guard)."""
+
+    def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int,
+                 call_bound: float, pace=None, total: int | None = None, gap: float = 0.0):
         self.path = path
         self.name = name
         self.index = index
         self.progress = progress
         self.depth = depth
-        self.total = total
-        self.colliding = colliding
         self.call_bound = call_bound
         self.pace = pace or (lambda: trio.sleep(0.02))
-        self.mix = mix[index % len(mix):] + mix[: index % len(mix)] if colliding else mix
-        self.forbidden = forbidden
+        self.total = total
+        self.gap = gap
         self.stop = trio.Event()
         self.done = trio.Event()
-        self.records: list[Record] = []
         self.sent = 0
         self._outstanding: collections.deque = collections.deque()
         self._wake = _Pulse()
         self._sender_done = False
         self._pace_needed = False
+
+    def _request(self, k: int) -> tuple[bytes, dict]:
+        raise NotImplementedError
+
+    def _reply(self, raw: bytes, expect: dict) -> str:
+        raise NotImplementedError
+
+    def _lost(self, expect: dict, why: str, count: int) -> None:
+        raise NotImplementedError
+
+    def _wrong(self, expect: dict, why: str, raw: bytes) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        try:
+            with trio.fail_after(self.call_bound):
+                client = Client(await connect_unix(self.path))
+            async with client:
+                slots = trio.Semaphore(self.depth)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sender, client, slots)
+                    if not await self._reader(client, slots):
+                        nursery.cancel_scope.cancel()
+                        return
+                await self._final_marker(client)
+        finally:
+            self.done.set()
+            self.progress.notify()
+
+    async def _final_marker(self, client: Client) -> None:
+        ident = "%s/final" % self.name
+        await client.send(b'{"execute": "guest-ping", "id": "%s"}\n' % ident.encode())
+        expect = {"k": -1, "command": "final marker", "ident": ident}
+        raw = None
+        with trio.move_on_after(self.call_bound):
+            try:
+                raw = await client.read_line()
+            except EOFError as exc:
+                self._lost(expect, "connection closed (%s)" % exc, 1)
+                return
+        if raw is None:
+            self._lost(expect, "no reply within %gs" % self.call_bound, 1)
+            return
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or value.get("id") != ident:
+            self._wrong(expect, "an extra or misrouted line before the final marker", raw)
+
+    async def _sender(self, client: Client, slots: trio.Semaphore) -> None:
+        try:
+            k = 0
+            while not self.stop.is_set() and (self.total is None or k < self.total):
+                await slots.acquire()
+                if self.stop.is_set():
+                    break
+                if self._pace_needed:
+                    self._pace_needed = False
+                    await self.pace()
+                if self.gap:
+                    await trio.sleep(self.gap)
+                data, expect = self._request(k)
+                expect["sent"] = time.monotonic()
+                self._outstanding.append(expect)
+                self._wake.set()
+                try:
+                    await client.send(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the reader reports what is lost
+                self.sent = k = k + 1
+        finally:
+            self._sender_done = True
+            self._wake.set()
+
+    async def _reader(self, client: Client, slots: trio.Semaphore) -> bool:
+        """False when a reply was lost (the connection is no use after that)."""
+        while True:
+            if not self._outstanding:
+                if self._sender_done:
+                    return True
+                await self._wake.wait()
+                continue
+            expect = self._outstanding[0]
+            raw = None
+            with trio.move_on_after(self.call_bound):
+                try:
+                    raw = await client.read_line()
+                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._lost(expect, "the proxy closed the connection (%s)" % exc, len(self._outstanding))
+                    return False
+            if raw is None:
+                self._lost(expect, "no reply within %gs" % self.call_bound, len(self._outstanding))
+                return False
+            self._outstanding.popleft()
+            if self._reply(raw, expect) == "unavailable":
+                self._pace_needed = True
+            slots.release()
+            self.progress.notify()
+
+
+class BusyClient(PipelinedClient):
+    """A PipelinedClient whose every check is fatal: any reply that is not
+    exactly the next one it expects (id, order, body), and any lost reply,
+    raises AssertionError.
+
+    Ids: unique (default): mostly "<name>-<k>", some integers unique to the
+    client, some requests without an id. colliding=True: every client uses
+    the same id sequence (ints, strings, objects, arrays, none); then only
+    the body tells replies apart: each client rotates the command mix
+    differently and its guest-sync values and made-up commands are its own."""
+
+    def __init__(self, path, name: str, index: int, progress: Progress, *, depth: int = 8,
+                 total: int | None = None, colliding: bool = False, call_bound: float = 10.0,
+                 pace=None, mix=MIX, forbidden: re.Pattern | None = None):
+        super().__init__(path, name, index, progress, depth=depth, call_bound=call_bound, pace=pace, total=total)
+        self.colliding = colliding
+        self.mix = mix[index % len(mix):] + mix[: index % len(mix)] if colliding else mix
+        self.forbidden = forbidden
+        self.records: list[Record] = []
 
     # -- requests ----------------------------------------------------------
     def _request(self, k: int):
@@ -240,112 +418,37 @@ class BusyClient:
         expect.update(command=command, ident=ident, has_id=has_id)
         return (json.dumps(message) + "\n").encode(), expect
 
+    def _where(self, expect: dict) -> str:
+        return "client %s request %d (%s, id %r)" % (self.name, expect["k"], expect["command"], expect["ident"])
+
     def _check(self, raw: bytes, expect: dict) -> tuple[str, str]:
-        where = "client %s request %d (%s, id %r)" % (self.name, expect["k"], expect["command"],
-                                                       expect["ident"])
+        where = self._where(expect)
         if self.forbidden is not None and self.forbidden.search(raw):
             raise AssertionError("%s: a stale marker reached a proxy client: %r" % (where, raw[:300]))
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            raise AssertionError("%s: not a JSON reply: %r" % (where, raw[:300])) from None
-        if not isinstance(value, dict) or len({"return", "error"} & set(value)) != 1 \
-                or set(value) - {"return", "error", "id"}:
-            raise AssertionError("%s: not a reply: %r" % (where, raw[:300]))
-        if expect["has_id"]:
-            if "id" not in value or not _same_json(value["id"], expect["ident"]):
-                raise AssertionError("%s: reply with the wrong id (misrouted, out of order or "
-                                     "extra): %r" % (where, raw[:300]))
-        elif "id" in value:
-            raise AssertionError("%s: reply with an id to a request without: %r" % (where, raw[:300]))
+        value, problem = reply_problem(raw, expect)
+        if problem is not None:
+            raise AssertionError("%s: %s: %r" % (where, problem, raw[:300]))
         command = expect["command"]
         if "error" in value:
-            error = value["error"]
-            cls, desc = error.get("class"), error.get("desc", "")
-            if command.startswith("guest-nope-") and cls == "CommandNotFound" \
-                    and desc == "The command %s has not been found" % command:
-                return "ok", ""
-            if cls == "GenericError" and desc.startswith(NOT_AVAILABLE):
-                return "unavailable", desc[len(NOT_AVAILABLE):]
-            m = _TIMED_OUT.match(desc) if cls == "GenericError" else None
-            if m and m.group(1) == command:
-                return "timeout", ""
-            raise AssertionError("%s: unexpected error: %r" % (where, raw[:300]))
-        ret = value["return"]
-        good = {
-            "guest-ping": lambda r: r == {},
-            "guest-get-host-name": lambda r: isinstance(r, dict) and isinstance(r.get("host-name"), str),
-            "guest-sync": lambda r: r == expect["sync"] and type(r) is int,
-            "guest-get-time": lambda r: type(r) is int and r > 0,
-            "guest-info": lambda r: isinstance(r, dict) and "version" in r and "supported_commands" in r,
-            "guest-get-timezone": lambda r: isinstance(r, dict) and "offset" in r,
-        }.get(command)
-        if good is None or not good(ret):
+            kind = error_kind(command, value["error"])
+            if kind is None:
+                raise AssertionError("%s: unexpected error: %r" % (where, raw[:300]))
+            return kind
+        if not return_fits(command, value["return"], expect):
             raise AssertionError("%s: a reply that does not fit the command: %r" % (where, raw[:300]))
         return "ok", ""
 
-    # -- running -------------------------------------------------------------
-    async def run(self) -> None:
-        try:
-            client = await Client.connect(str(self.path))
-            async with client:
-                slots = trio.Semaphore(self.depth)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._sender, client, slots)
-                    await self._reader(client, slots)
-                # The final marker: its reply must be the very next line, so
-                # nothing extra is waiting in front of it.
-                ident = "%s-final" % self.name
-                await client.send(b'{"execute": "guest-ping", "id": "%s"}\n' % ident.encode())
-                with trio.fail_after(self.call_bound):
-                    raw = await client.read_line()
-                value = json.loads(raw)
-                assert value.get("id") == ident, (self.name, "extra or misrouted line before the final marker", raw[:300])
-        finally:
-            self.done.set()
-            self.progress.notify()
+    def _reply(self, raw: bytes, expect: dict) -> str:
+        got = time.monotonic()
+        kind, detail = self._check(raw, expect)
+        self.records.append(Record(expect["k"], expect["command"], expect["sent"], got, kind, detail))
+        return kind
 
-    async def _sender(self, client: Client, slots: trio.Semaphore) -> None:
-        try:
-            k = 0
-            while not self.stop.is_set() and (self.total is None or k < self.total):
-                await slots.acquire()
-                if self.stop.is_set():
-                    break
-                if self._pace_needed:
-                    self._pace_needed = False
-                    await self.pace()
-                data, expect = self._request(k)
-                expect["sent"] = time.monotonic()
-                self._outstanding.append(expect)
-                self._wake.set()
-                await client.send(data)
-                self.sent = k = k + 1
-        finally:
-            self._sender_done = True
-            self._wake.set()
+    def _lost(self, expect: dict, why: str, count: int) -> None:
+        raise AssertionError("%s: %s" % (self._where(expect), why))
 
-    async def _reader(self, client: Client, slots: trio.Semaphore) -> None:
-        while True:
-            if not self._outstanding:
-                if self._sender_done:
-                    return
-                await self._wake.wait()
-                continue
-            with trio.fail_after(self.call_bound):
-                try:
-                    raw = await client.read_line()
-                except EOFError as exc:
-                    raise AssertionError("client %s: the proxy closed the connection (%s)"
-                                         % (self.name, exc)) from None
-            got = time.monotonic()
-            expect = self._outstanding.popleft()
-            kind, detail = self._check(raw, expect)
-            self.records.append(Record(expect["k"], expect["command"], expect["sent"], got, kind, detail))
-            if kind == "unavailable":
-                self._pace_needed = True
-            slots.release()
-            self.progress.notify()
+    def _wrong(self, expect: dict, why: str, raw: bytes) -> None:
+        raise AssertionError("%s: %s: %r" % (self._where(expect), why, raw[:300]))
 
     # -- queries ---------------------------------------------------------------
     def count(self, kind: str | None = None, *, sent_after: float | None = None,

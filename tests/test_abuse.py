@@ -32,8 +32,8 @@ import textwrap
 import pytest
 import trio
 
-from chaosutil import ChaosCrowd, connect_unix, file_path, file_pattern
-from proxyutil import Client, ProxyProcess
+from chaosutil import ChaosCrowd, file_path, file_pattern
+from proxyutil import Client, ProxyProcess, connect_unix
 
 IDLE_CONNECTIONS = 10_000
 WELL_BEHAVED = 12
