@@ -529,17 +529,20 @@ class ReplyDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def idle(self) -> bool:
-        """No partial line held, none being skipped."""
-        return not self._buf and not self._discarding
-
     def feed(self, data: bytes) -> list:
         buf = self._buf
-        if not buf and not self._discarding and data[-1:] == b"\n" and data.find(b"\n") == len(data) - 1:
-            # One whole line, the usual read: no copy through the buffer.
-            if b"\xff" not in data and len(data) <= self.max_line:
-                line = data[:-1]
-                return [Line(line)] if line.strip() else []
+        if (
+            not buf
+            and not self._discarding
+            and data[-1:] == b"\n"
+            and b"\xff" not in data
+            and len(data) <= self.max_line
+        ):
+            # Whole lines and nothing held from before (the usual read: one
+            # reply, or many): no copy through the buffer.
+            lines = data.split(b"\n")
+            lines.pop()  # (empty: after the last newline)
+            return [Line(line) for line in lines if line and not line.isspace()]
         events: list = []
         buf += data
         start = 0

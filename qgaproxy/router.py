@@ -790,15 +790,6 @@ class Router:
 
     def upstream_data(self, data: bytes, now: float) -> None:
         self._last_now = now
-        if data[-1:] == b"\n" and b"\xff" not in data and len(data) <= self._replies.max_line and self._replies.idle():
-            # The usual read: whole lines and nothing held from before, so
-            # the decoder would make just these lines: spare it the copies.
-            lines = data.split(b"\n")
-            lines.pop()  # (empty: after the last newline)
-            for line in lines:
-                if line and not line.isspace():  # (the decoder skips blank lines)
-                    self._on_line(line, now)
-            return
         for event in self._replies.feed(data):
             if isinstance(event, codec.Line):
                 self._on_line(event.raw, now)
