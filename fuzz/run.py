@@ -37,7 +37,10 @@ _DONE = re.compile(rb"Done (\d+) runs in (\d+) second")
 def run_one(name: str, corpus_root: str, artifacts: str, runs: int | None, seconds: int | None) -> dict:
     corpus = os.path.join(corpus_root, name)
     _common.write_seed_corpus(corpus, HARNESSES[name]())
-    args = [sys.executable, os.path.join(HERE, name + ".py"), "-max_len=4096", "-artifact_prefix=%s/" % artifacts.rstrip("/")]
+    # -reload=0: no rereading of the corpus folder once a second, which adds
+    # runs past -runs on a slow machine.
+    args = [sys.executable, os.path.join(HERE, name + ".py"), "-max_len=4096", "-reload=0",
+            "-artifact_prefix=%s/" % artifacts.rstrip("/")]
     args.append("-runs=%d" % runs if runs is not None else "-max_total_time=%d" % seconds)
     args.append(corpus)
     env = dict(os.environ)

@@ -113,7 +113,7 @@ async def test_status_clients_in_flight_frozen_denied_http_and_cli(tmp_path):
                 assert from_socat["requests"] == 1
                 (waiting,) = from_socat["in_flight"]
                 assert waiting["command"] == "guest-ping" and waiting["state"] == "sent"
-                assert waiting["waiting_seconds"] >= 0
+                assert waiting["waiting_seconds"] < 60  # seconds, and the agent holds it for 60
                 assert st["in_flight"] == 1 and st["queued"] == 0
                 freeze = st["freeze"]
                 assert freeze["frozen"] is True
@@ -200,8 +200,9 @@ async def test_timeouts_and_resyncs_counted(autojump_clock):
             # The time of the last change (ready again after the resync) is
             # a wall-clock time, and how long ago it was.
             since = datetime.datetime.strptime(after["since"], "%Y-%m-%dT%H:%M:%S.%fZ")
-            assert since.year >= 2024
-            assert after["state_seconds"] >= 0
+            now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+            assert abs((now - since).total_seconds()) < 60  # UTC, just now
+            assert after["state_seconds"] < 60
             assert after["since"] != before["since"]
 
 
