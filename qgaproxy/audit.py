@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 import attrs
 
@@ -116,10 +116,9 @@ class AuditLog:
             raise ValueError("audit mode must be one of %s" % ", ".join(MODES))
         self.config = config
         self.full = config.mode == "full"
-        self._stream: TextIO | None = None
+        self._stream: BinaryIO | None = None
         self._size = 0
         self._failed = False
-        self.records = 0
         if config.path != "stderr":
             self._open()
 
@@ -129,7 +128,7 @@ class AuditLog:
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._stream = os.fdopen(fd, "a", encoding="utf-8")
+        self._stream = os.fdopen(fd, "ab")
         self._size = os.fstat(fd).st_size
 
     def write(self, entry: dict) -> None:
@@ -143,10 +142,9 @@ class AuditLog:
                 if self.config.max_bytes and self._size and self._size + len(data) > self.config.max_bytes:
                     self._rotate()
                 assert self._stream is not None
-                self._stream.write(line)
+                self._stream.write(data)
                 self._stream.flush()
                 self._size += len(data)
-            self.records += 1
             self._failed = False
         except (OSError, ValueError) as exc:
             if not self._failed:

@@ -18,7 +18,7 @@ from .client import AgentClient, AgentError, ClientError, ClientTimeout
 
 EXIT_OK = 0
 EXIT_AGENT_ERROR = 1
-EXIT_USAGE = 2
+# 2: a usage error (as for every command: cli.py)
 EXIT_CONNECTION = 3
 EXIT_INTERRUPTED = 130
 

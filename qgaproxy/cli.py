@@ -161,21 +161,18 @@ def build_config(args):
             agent = attrs.evolve(agent, listeners=tuple(configmod.ListenerConfig(p) for p in args.listen))
         agents[0] = agent
     overrides = {}
-    # flag, setting, smallest allowed value, whether the smallest is allowed
-    for flag, setting, low, inclusive in (
-        ("request_timeout", "request_timeout", 0, False),
-        ("window", "window", 1, True),
-        ("sync_timeout", "sync_timeout", 0, False),
-        ("guest_metrics", "guest_metrics_interval", 0, True),
+    # flag, setting, the values allowed, what is said of the others
+    for flag, setting, allowed, complaint in (
+        ("request_timeout", "request_timeout", lambda v: v > 0, "must be positive"),
+        ("window", "window", lambda v: v >= 1, "must be at least 1"),
+        ("sync_timeout", "sync_timeout", lambda v: v > 0, "must be positive"),
+        ("guest_metrics", "guest_metrics_interval", lambda v: v >= 0, "must not be negative"),
     ):
         value = getattr(args, flag)
         if value is None:
             continue
-        if value < low or (value == low and not inclusive):
-            name = "--" + flag.replace("_", "-")
-            raise _UsageError(
-                "%s must be %s" % (name, "positive" if low == 0 and not inclusive else "at least %s" % low)
-            )
+        if not allowed(value):
+            raise _UsageError("--%s %s" % (flag.replace("_", "-"), complaint))
         overrides[setting] = value
     if overrides:
         agents = [attrs.evolve(a, settings=attrs.evolve(a.settings, **overrides)) for a in agents]

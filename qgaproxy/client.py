@@ -27,6 +27,7 @@ from typing import Any
 #: The agent's parser accepts messages up to 64 MiB, and guest-file-read
 #: sizes its largest reply to fit; nothing legitimate is larger.
 MAX_REPLY = 64 * 1024 * 1024
+_TOO_LARGE = "a reply larger than %d MiB" % (MAX_REPLY >> 20)
 
 #: What may precede the sync's reply and be discarded: stale replies
 #: another client left unread (each at most MAX_REPLY), bounded too.
@@ -244,6 +245,11 @@ class AgentClient:
 
     # -- bytes ----------------------------------------------------------------
 
+    def _broken(self, why: str) -> ConnectionProblem:
+        """Close the connection (it is of no more use); the error to raise."""
+        self.close()
+        return ConnectionProblem(why)
+
     def _send(self, data: bytes, deadline: float) -> None:
         assert self._sock is not None
         view = memoryview(data)
@@ -259,8 +265,7 @@ class AgentClient:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                self.close()
-                raise ConnectionProblem("connection to %s lost: %s" % (self.path, exc.strerror or exc)) from None
+                raise self._broken("connection to %s lost: %s" % (self.path, exc.strerror or exc)) from None
             view = view[sent:]
 
     def _fill(self, deadline: float, what: str) -> None:
@@ -278,11 +283,9 @@ class AgentClient:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                self.close()
-                raise ConnectionProblem("connection to %s lost: %s" % (self.path, exc.strerror or exc)) from None
+                raise self._broken("connection to %s lost: %s" % (self.path, exc.strerror or exc)) from None
             if not chunk:
-                self.close()
-                raise ConnectionProblem("%s closed the connection while waiting for %s" % (self.path, what))
+                raise self._broken("%s closed the connection while waiting for %s" % (self.path, what))
             self._buf += chunk
             return
 
@@ -297,14 +300,12 @@ class AgentClient:
                     break
                 start = len(self._buf)
                 if start > MAX_REPLY:
-                    self.close()
-                    raise ConnectionProblem("a reply larger than %d MiB" % (MAX_REPLY >> 20))
+                    raise self._broken(_TOO_LARGE)
                 self._fill(deadline, what)
             line = bytes(self._buf[:i]).lstrip(b"\xff").strip()
             del self._buf[: i + 1]
         if len(line) > MAX_REPLY:
-            self.close()
-            raise ConnectionProblem("a reply larger than %d MiB" % (MAX_REPLY >> 20))
+            raise self._broken(_TOO_LARGE)
         try:
             return json.loads(line)
         except ValueError:

@@ -212,11 +212,11 @@ class RequestDecoder:
         escapes, exact integers, no duplicate keys, at most 64 containers in
         the chunk, far below the nesting limit), and the lexer is idle after it."""
         events: list = []
+        if data.count(b"{") + data.count(b"[") > _PLAIN_CONTAINERS_MAX:
+            return self._feed(data, events)
         text = data.decode("ascii")
         i = 0
         n = len(text)
-        if data.count(b"{") + data.count(b"[") > _PLAIN_CONTAINERS_MAX:
-            return self._feed(data, events)
         while True:
             i = _WS_SKIP.match(data, i).end()
             if i == n:

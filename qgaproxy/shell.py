@@ -209,7 +209,6 @@ def _save_history(readline) -> None:
     path = history_path()
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        readline.set_history_length(HISTORY_LENGTH)
         readline.write_history_file(path)
         os.chmod(path, 0o600)
     except OSError as exc:
