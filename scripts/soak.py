@@ -46,7 +46,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import trio  # noqa: E402
 
 from chaosutil import ChaosClient, ChaosCrowd, SimChaos, file_path, file_pattern  # noqa: E402
-from proxyutil import Progress, stop_process, task_count  # noqa: E402
+from proxyutil import Progress, fd_count, rss, stop_process, task_count  # noqa: E402
 from qgaproxy import sim  # noqa: E402
 
 STEP = 60.0  # bound on every wait for a state; only turns a hang into a failure
@@ -96,18 +96,6 @@ async def proxy_child(upstream: str, listen: str, request_timeout: float) -> Non
 # ---------------------------------------------------------------------------
 # The driver.
 
-def rss_kib(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir("/proc/%d/fd" % pid))
-
-
 class Child:
     def __init__(self, agent_path: str, listen: str, request_timeout: float, log_path: str):
         self.log = open(log_path, "ab")
@@ -131,7 +119,7 @@ class Child:
         self.proc.stdin.write(b"?\n")
         self.proc.stdin.flush()
         out = json.loads(self.readline())
-        out["rss_kib"] = rss_kib(self.pid)
+        out["rss_kib"] = rss(self.pid)[0] // 1024
         out["fds"] = fd_count(self.pid)
         return out
 

@@ -632,6 +632,11 @@ def task_count() -> int:
     return n
 
 
+def fd_count(pid: int) -> int:
+    """Descriptors a process holds."""
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
 def rss(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process, in bytes."""
     values = {}

@@ -33,7 +33,7 @@ import pytest
 import trio
 
 from chaosutil import ChaosCrowd, file_path, file_pattern
-from proxyutil import Client, ProxyProcess, connect_unix
+from proxyutil import Client, ProxyProcess, connect_unix, fd_count
 
 IDLE_CONNECTIONS = 10_000
 WELL_BEHAVED = 12
@@ -54,10 +54,6 @@ def raise_nofile(need: int) -> None:
     if hard != resource.RLIM_INFINITY and hard < need:
         pytest.skip("RLIMIT_NOFILE hard limit %d < %d needed for %d connections" % (hard, need, IDLE_CONNECTIONS))
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir("/proc/%d/fd" % pid))
 
 
 class Abuse:

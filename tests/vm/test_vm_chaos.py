@@ -17,7 +17,6 @@ QGAPROXY_VM_CHAOS_SECONDS sets how long the faults go on (default 25).
 from __future__ import annotations
 
 import collections
-import functools
 import os
 import random
 import time
@@ -27,6 +26,7 @@ import trio
 from chaosutil import ChaosCrowd, chaos_seed, file_path
 from proxyutil import Transitions, proxy_pace, run_proxy, wait_state_change
 from qgaproxy.upstream import State
+from test_vm_proxy import in_thread
 
 CLIENTS = 16
 DEPTH = 4
@@ -36,10 +36,6 @@ STEP = 30.0
 BOOT = 90.0
 
 FAULTS = ("agent-kill", "agent-stop", "pause", "agent-kill-term")
-
-
-async def in_thread(fn, *args, **kwargs):
-    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
 #: Each client's file in the guest: its 5-byte "|<name>" mark 512 times.
@@ -97,18 +93,16 @@ async def test_vm_chaos(vm):
                     await in_thread(machine.control, "agent-kill", check=False)  # (maybe between restarts)
                 elif fault == "agent-kill-term":
                     await in_thread(machine.control, "agent-kill TERM", check=False)
-                elif fault == "agent-stop":
-                    await in_thread(machine.control, "agent-stop")
+                else:  # held for a while, then undone
+                    stop, resume = {
+                        "agent-stop": ((machine.control, "agent-stop"), (machine.control, "agent-start")),
+                        "pause": ((machine.qmp, "stop"), (machine.qmp, "cont")),
+                    }[fault]
+                    await in_thread(*stop)
                     try:
                         await trio.sleep(hold)
                     finally:
-                        await in_thread(machine.control, "agent-start")
-                elif fault == "pause":
-                    await in_thread(machine.qmp, "stop")
-                    try:
-                        await trio.sleep(hold)
-                    finally:
-                        await in_thread(machine.qmp, "cont")
+                        await in_thread(*resume)
             # The faults are over: the agent comes back and everyone is served.
             await in_thread(machine.wait_agent, STEP)
             cleared = time.monotonic()
