@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,22 +85,29 @@ def sim_agent(*options: str):
 
 
 @contextlib.contextmanager
+def _serving(tmp: str, args: list[str], what):
+    """`qgaproxy serve ARGS`, once its agent is ready: yields `what`; the
+    folder tmp is removed after."""
+    process = ProxyProcess(QGAPROXY + ["serve"] + args)
+    try:
+        process.wait_line(READY_RE)
+        process.find_line(AGENT_READY_RE)
+        yield what
+    finally:
+        if process.proc.poll() is None:
+            assert process.stop() == 0, process.rest_of_log()
+        process.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def proxy(upstream: str):
     """`qgaproxy serve` in front of `upstream`, once its agent is ready:
     yields the listening socket's path."""
     tmp = short_tmpdir()
     path = os.path.join(tmp, "proxy.sock")
-    process = ProxyProcess(QGAPROXY + ["serve", "--upstream", upstream, "--listen", path])
-    try:
-        process.wait_line(READY_RE)
-        process.find_line(AGENT_READY_RE)
+    with _serving(tmp, ["--upstream", upstream, "--listen", path], path) as path:
         yield path
-    finally:
-        if process.proc.poll() is None:
-            assert process.stop() == 0, process.rest_of_log()
-        process.kill()
-        with contextlib.suppress(OSError):
-            os.rmdir(tmp)
 
 
 @contextlib.contextmanager
@@ -113,15 +121,16 @@ def qmp_proxy(upstream: str):
         f.write('[[agent]]\nname = "vm"\nupstream = "%s"\n' % upstream)
         for kind, path in paths.items():
             f.write('[[agent.listener]]\npath = "%s"\nprotocol = "%s"\n' % (path, kind))
-    process = ProxyProcess(QGAPROXY + ["serve", "--config", config])
-    try:
-        process.wait_line(READY_RE)
-        process.find_line(AGENT_READY_RE)
+    with _serving(tmp, ["--config", config], paths) as paths:
         yield paths
-    finally:
-        if process.proc.poll() is None:
-            assert process.stop() == 0, process.rest_of_log()
-        process.kill()
-        with contextlib.suppress(OSError):
-            os.unlink(config)
-            os.rmdir(tmp)
+
+
+def shell_lines(path: str, lines: list[str], *args: str) -> subprocess.CompletedProcess:
+    """`qgaproxy shell` with its input from a pipe."""
+    return subprocess.run(
+        QGAPROXY + ["shell", "--socket", path] + list(args),
+        input="".join(line + "\n" for line in lines).encode(),
+        capture_output=True,
+        env=client_env(),
+        timeout=STEP,
+    )

@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from operatorutil import QGAPROXY, STEP, call, client_env, proxy, qmp_proxy, short_tmpdir, sim_agent
+from operatorutil import QGAPROXY, STEP, call, client_env, proxy, qmp_proxy, shell_lines, short_tmpdir, sim_agent
 from ptyutil import PtyProcess
 from qgaproxy import cli
 from qgaproxy.call import UsageError, parse_pairs
@@ -597,9 +597,6 @@ def real_qmp_proxy():
             yield paths
 
 
-def shell(path: str, lines: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(QGAPROXY + ["shell", "--socket", path], input="".join(l + "\n" for l in lines).encode(),
-                          capture_output=True, timeout=STEP, env=client_env())
 
 
 def status_json(path: str) -> dict:
@@ -619,7 +616,7 @@ def test_call_shell_status_on_both_listener_kinds_real_agent(real_qmp_proxy, kin
     result = call(path, "info")
     assert result.returncode == 0, result
     assert out(result).startswith("version: "), out(result)
-    result = shell(path, ["guest-ping", "guest-get-host-name", "ping"])
+    result = shell_lines(path, ["guest-ping", "guest-get-host-name", "ping"])
     assert (result.returncode, err(result)) == (0, ""), result
     assert out(result) == '{"return":{}}\n{"return":{"host-name":%s}}\nok\n' % json.dumps(HOSTNAME)
     st = status_json(path)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 
 import pytest
 
-from operatorutil import QGAPROXY, STEP, client_env, proxy, sim_agent
+from operatorutil import QGAPROXY, client_env, proxy, shell_lines, sim_agent
 from ptyutil import PtyProcess
 from realagent import RealAgent, require_real_agent
 
@@ -26,16 +25,6 @@ def real_proxy():
         with proxy("unix:" + str(agent.path)) as path:
             yield path
 
-
-def shell_lines(path: str, lines: list[str], *args: str) -> subprocess.CompletedProcess:
-    """The shell with its input from a pipe."""
-    return subprocess.run(
-        QGAPROXY + ["shell", "--socket", path] + list(args),
-        input="".join(line + "\n" for line in lines).encode(),
-        capture_output=True,
-        env=client_env(),
-        timeout=STEP,
-    )
 
 
 def test_session_on_a_terminal(real_proxy, tmp_path):
