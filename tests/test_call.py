@@ -638,17 +638,11 @@ def test_forms_through_a_qmp_listener_simulated_agent():
             assert (result.returncode, out(result)) == (0, "ok\n"), result
 
 
-class Greeter:
+class Greeter(FakeAgent):
     """A qmp-style server that greets, then refuses qmp_capabilities."""
 
     def __init__(self):
-        self.dir = short_tmpdir()
-        self.path = os.path.join(self.dir, "greeter.sock")
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(self.path)
-        self.server.listen(1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(None)
 
     def _serve(self):
         conn, _ = self.server.accept()
@@ -664,13 +658,7 @@ class Greeter:
             caps = json.loads(data[data.rindex(b"{", 0, data.index(b"qmp_capabilities")):].split(b"\n")[0])
             conn.sendall(b'{"error": {"class": "GenericError", "desc": "no"}, "id": %s}\n'
                          % json.dumps(caps["id"]).encode())
-            FakeAgent._recv(conn)
-
-    def close(self):
-        self.server.close()
-        self.thread.join(STEP)
-        os.unlink(self.path)
-        os.rmdir(self.dir)
+            self._recv(conn)
 
 
 def test_refused_negotiation_is_a_connection_problem():
