@@ -29,6 +29,7 @@ and tests/wire/FINDINGS.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -97,6 +98,22 @@ def unavailable_reason() -> str | None:
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         return "setpriv not found (apt-get install util-linux)"
     return None
+
+
+@contextlib.contextmanager
+def readable_by_agent(name: str, content: bytes):
+    """A file the real agent (user nobody) can read: world-readable, in a
+    world-accessible folder of its own (removed after). Yields its path."""
+    tmp = tempfile.mkdtemp(prefix="qgaproxy-file-")
+    try:
+        os.chmod(tmp, 0o755)
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, 0o644)
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def require_real_agent() -> None:

@@ -12,9 +12,7 @@ against the simulated agent under MockClock.
 from __future__ import annotations
 
 import base64
-import os
 import socket
-import tempfile
 
 import pytest
 import trio
@@ -22,6 +20,7 @@ import trio.testing
 
 from proxyutil import Client, Watch, run_proxy, wait_ready
 from qgaproxy import sim
+from realagent import readable_by_agent
 
 STEP = 10.0
 
@@ -30,17 +29,8 @@ CONTENT = b"the first client's private file\n" + bytes(range(256)) * 4
 
 @pytest.fixture
 def readable_file():
-    """A file user nobody (the real agent) can read: world-readable, in a
-    world-accessible directory."""
-    tmp = tempfile.mkdtemp(prefix="qgaproxy-iso-")
-    os.chmod(tmp, 0o755)
-    path = os.path.join(tmp, "private.bin")
-    with open(path, "wb") as f:
-        f.write(CONTENT)
-    os.chmod(path, 0o644)
-    yield path
-    os.unlink(path)
-    os.rmdir(tmp)
+    with readable_by_agent("private.bin", CONTENT) as path:
+        yield path
 
 
 def logged(agent, needle: bytes) -> int:

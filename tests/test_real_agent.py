@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 
 import pytest
 import trio
@@ -22,6 +21,7 @@ import trio.testing
 
 from proxyutil import Client, run_proxy, wait_ready
 from qgaproxy.upstream import State
+from realagent import readable_by_agent
 
 # Generous bounds: they only turn a hang into a failure.
 STEP = 10.0
@@ -122,15 +122,8 @@ async def kill_agent(agent) -> None:
 @pytest.fixture
 def readable_file():
     """A file user nobody can read: world-readable, in a world-accessible dir."""
-    tmp = tempfile.mkdtemp(prefix="qgaproxy-file-")
-    os.chmod(tmp, 0o755)
-    path = os.path.join(tmp, "data.txt")
-    with open(path, "wb") as f:
-        f.write(b"hello from the guest\n\x00\x01\xfe\xff binary too\n" * 40)
-    os.chmod(path, 0o644)
-    yield path
-    os.unlink(path)
-    os.rmdir(tmp)
+    with readable_by_agent("data.txt", b"hello from the guest\n\x00\x01\xfe\xff binary too\n" * 40) as path:
+        yield path
 
 
 # -- 1. transparency -------------------------------------------------------------
@@ -823,12 +816,6 @@ async def test_large_reads_byte_for_byte(real_agent):
     """Replies over a MiB go to their client without being parsed (only the
     id at their end is read): still byte for byte the agent's, with each
     client's own id of any kind, also several in flight at once."""
-    tmp = tempfile.mkdtemp(prefix="qgaproxy-large-")
-    os.chmod(tmp, 0o755)
-    path = os.path.join(tmp, "large.bin")
-    with open(path, "wb") as f:
-        f.write(os.urandom(3 << 20))
-    os.chmod(path, 0o644)
     ids = [b'"s"', b"7", b'{"k": [1, "x"]}', b"null", None]
 
     def requests(handle: bytes) -> list[bytes]:
@@ -840,8 +827,8 @@ async def test_large_reads_byte_for_byte(real_agent):
                        % (handle, (1 << 20) + 4096 * i, member))
         return out
 
-    open_req = b'{"execute": "guest-file-open", "arguments": {"path": "%s", "mode": "r"}}\n' % path.encode()
-    try:
+    with readable_by_agent("large.bin", os.urandom(3 << 20)) as path:
+        open_req = b'{"execute": "guest-file-open", "arguments": {"path": "%s", "mode": "r"}}\n' % path.encode()
         with real_agent.connect(timeout=STEP) as conn:
             conn.sync()
             direct_handle = conn.request(open_req).split(b" ")[1].rstrip(b"}\n")
@@ -860,6 +847,3 @@ async def test_large_reads_byte_for_byte(real_agent):
                 await client.send(b"".join(requests(handle)))
                 got = await proxy_lines(client, len(direct))
         assert got == direct
-    finally:
-        os.unlink(path)
-        os.rmdir(tmp)
