@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -285,6 +286,57 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def router_core_us(n: int) -> float:
+    """The proxy's own work on one guest-ping, without any I/O: a request
+    parsed, checked, its id rewritten and written for the agent, the reply
+    matched and rewritten for its client (the router and codecs, as in
+    tests/test_router.py's harness), µs per round trip, best of three."""
+    from test_router import Harness
+
+    h = Harness()
+    h.connect()
+    router = h.router
+    client = router.add_client()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            router.client_data(client, PING, 0.0)
+            data = router.take_upstream_write(0.0)
+            router.upstream_write_done(0.0)
+            ident = data[data.rindex(b":") + 1 : data.rindex(b"}")].strip()
+            router.upstream_data(b'{"return": {}, "id": %s}\n' % ident, 0.0)
+            assert router.take_output(client) == PONG
+            router.pop_dirty()
+            router.next_deadline()
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+    return round(best, 1)
+
+
+def children_cpu() -> float:
+    """User + system CPU time of this process's finished children (the
+    forked client workers, once joined)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def cpu_per_request(out: dict, key: str, *, clients: bool = True, **pids: int):
+    """Measures what the block's requests cost in CPU: each named process,
+    and (clients=True) the client workers the block forks and joins. The
+    block sets out[key + "_rps"] to its rate; this adds out[key + "_cpu_us"]:
+    µs of CPU per request for each name and "clients"."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before_clients, start = children_cpu(), time.perf_counter()
+    yield
+    elapsed = time.perf_counter() - start
+    requests = out[key + "_rps"] * elapsed
+    used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    if clients:
+        used["clients"] = children_cpu() - before_clients
+    out[key + "_cpu_us"] = {name: round(seconds / requests * 1e6, 1) for name, seconds in used.items()}
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -405,12 +457,15 @@ class Run:
         return {kind: summary(times) for kind, times in samples.items()}
 
     # (a) and (b) and (c) on one agent socket
-    def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True) -> None:
+    def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True, agent_pid=None) -> None:
+        """agent_pid: the agent's process, to count its CPU per request too."""
         out = self.r.setdefault(name, {})
+        agent = {"agent": agent_pid} if agent_pid else {}
         pings = self.pings if name != "sim" else max(100, self.pings // 10)
         self.log("[%s] sequential: direct, relay, proxy" % name)
         out.update(self.sequential_side_by_side(agent_path, pings, 1 if self.quick else 5))
-        out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
+        with cpu_per_request(out, "direct_pipelining", clients=False, **agent):
+            out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
         if styles:
             self.log("[%s] Proxmox-style and libvirt-style, 16 clients" % name)
             out["proxmox_style_16_rps"] = round(proxmox_style(agent_path, 16, self.seconds))
@@ -420,25 +475,43 @@ class Run:
         with ctx as proc:
             out["proxy_clients_rps"] = {}
             for n in clients:
-                before, t = cpu_seconds(proc.pid), time.perf_counter()
-                rate = through_proxy(listen, n, self.seconds)
-                used, elapsed = cpu_seconds(proc.pid) - before, time.perf_counter() - t
-                out["proxy_clients_rps"][str(n)] = round(rate)
-                # What the proxy process itself spent per request (user + system).
-                out.setdefault("proxy_cpu_us_per_request", {})[str(n)] = round(used / (rate * elapsed) * 1e6, 1)
+                # What the proxy process itself spent per request (user +
+                # system); with 16 clients, also the clients and the agent.
+                each: dict = {}
+                with cpu_per_request(each, "run", proxy=proc.pid, **(agent if n == 16 else {})):
+                    each["run_rps"] = through_proxy(listen, n, self.seconds)
+                out["proxy_clients_rps"][str(n)] = round(each["run_rps"])
+                out.setdefault("proxy_cpu_us_per_request", {})[str(n)] = each["run_cpu_us"]["proxy"]
+                if n == 16:
+                    out["proxy_16_cpu_us"] = each["run_cpu_us"]
             out["proxy_pipelining_rps"] = round(pipelining(listen, self.seconds))
 
     def host(self) -> None:
         with RealAgent(verbose=False) as agent:
-            self.agent_figures("host", agent.path)
+            self.agent_figures("host", agent.path, agent_pid=agent.proc.pid)
         # (b)'s floor: a trio server answering 16 clients itself, no agent.
         ctx, listen = floor(self.tmp)
+        host = self.r["host"]
         with ctx as proc:
-            before, t = cpu_seconds(proc.pid), time.perf_counter()
-            rate = through_proxy(listen, 16, self.seconds)
-            used, elapsed = cpu_seconds(proc.pid) - before, time.perf_counter() - t
-        self.r["host"]["floor_16_rps"] = round(rate)
-        self.r["host"]["floor_cpu_us_per_request"] = round(used / (rate * elapsed) * 1e6, 1)
+            with cpu_per_request(host, "floor_16", server=proc.pid):
+                host["floor_16_rps"] = through_proxy(listen, 16, self.seconds)
+        host["floor_16_rps"] = round(host["floor_16_rps"])
+        host["floor_cpu_us_per_request"] = host["floor_16_cpu_us"]["server"]
+        # The most 16 clients can get from this machine's cores, whatever
+        # serves them: the CPU the clients themselves use per request (with
+        # the floor, where they use least) plus the agent's (pipelined,
+        # where it uses least), plus the floor's own. (b) can be met only
+        # where this reaches half of direct pipelining.
+        least = host["floor_16_cpu_us"]["clients"] + host["direct_pipelining_cpu_us"]["agent"]
+        host["bound_16_no_server_rps"] = round(os.cpu_count() / least * 1e6)
+        host["bound_16_rps"] = round(os.cpu_count() / (least + host["floor_cpu_us_per_request"]) * 1e6)
+        # What half of direct pipelining leaves the proxy per request: the
+        # machine's cores less what the clients and the agent use, and at
+        # most its one core (one thread); against the least a proxy needs
+        # (the floor's I/O plus its own work without I/O).
+        half = host["direct_pipelining_rps"] / 2
+        host["budget_at_half_us"] = round(min(os.cpu_count() / half * 1e6 - least, 1e6 / half), 1)
+        host["router_core_us"] = router_core_us(2000 if self.quick else 20000)
 
     def simulated(self) -> None:
         ctx, path = sim(self.tmp, "--latency", str(SIM_LATENCY))
@@ -577,6 +650,19 @@ def targets(r: dict) -> list[dict]:
         if "floor_16_rps" in host:
             row("(b) host: trio floor, 16 clients answered without an agent / direct pipelining (reference)",
                 round(host["floor_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        if "bound_16_rps" in host:
+            row("(b) host: the most 16 clients can get on this machine's %d cores, serving them for free "
+                "(cores / the CPU per request of the clients and the agent) / direct pipelining (reference: "
+                "under 0.5, (b) is out of reach)" % r["machine"]["cores"],
+                round(host["bound_16_no_server_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+            row("(b) host: the same, with the trio floor's own CPU per request / direct pipelining (reference)",
+                round(host["bound_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        if "budget_at_half_us" in host:
+            least = round(host["floor_cpu_us_per_request"] + host["router_core_us"], 1)
+            row("(b) host: the CPU per request that 0.5x leaves the proxy (%s µs) / the least a proxy needs: the "
+                "floor's I/O and the router's own work (%s µs) (reference: under 1, (b) is out of reach)"
+                % (host["budget_at_half_us"], least),
+                round(host["budget_at_half_us"] / least, 2), 1, ">=")
         row("(b) host: 1 client pipelining, proxy / direct (reference)",
             round(host["proxy_pipelining_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         row("(c) host: proxy 16 clients / Proxmox-style",
@@ -649,6 +735,19 @@ def markdown(r: dict) -> str:
     if "floor_16_rps" in host:
         out += ["", "The trio floor (bench/floor.py: one trio task per client answering each ping itself, no agent): "
                 "%s requests/s with 16 clients, %s µs of its CPU per request." % (host["floor_16_rps"], host["floor_cpu_us_per_request"])]
+    if "bound_16_rps" in host:
+        used = host["proxy_16_cpu_us"]
+        out += ["", "CPU per request with 16 clients on the host (µs, user + system): through the proxy, proxy %s, "
+                "clients %s, agent %s; with the floor, floor %s, clients %s; the agent pipelined directly, %s. "
+                "So %d cores give 16 clients at most %s requests/s even from a server that costs nothing, "
+                "and %s/s from one that costs what the floor does." % (
+                    used["proxy"], used["clients"], used.get("agent", "-"), host["floor_16_cpu_us"]["server"],
+                    host["floor_16_cpu_us"]["clients"], host["direct_pipelining_cpu_us"]["agent"],
+                    r["machine"]["cores"], host["bound_16_no_server_rps"], host["bound_16_rps"])]
+    if "router_core_us" in host:
+        out += ["", "The router's own work on one guest-ping round trip, no I/O (parse, check, rewrite the id "
+                "both ways): %s µs. Half of direct pipelining leaves the proxy %s µs of CPU per request." % (
+                    host["router_core_us"], host["budget_at_half_us"])]
     out += ["", "## (c) Sharing one agent among 16 clients (requests per second)", "",
             "| agent | Proxmox-style | libvirt-style | through the proxy |", "|---|---|---|---|"]
     for name in ("host", "sim", "vm"):

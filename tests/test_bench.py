@@ -30,6 +30,13 @@ def test_benchmark_suite_smoke(tmp_path):
             assert a[kind]["p50_us"] > 0 and a[kind]["n"] > 0
         assert set(a["proxy_clients_rps"]) >= {"1", "4", "16"}
         assert a["proxmox_style_16_rps"] > 0 and a["libvirt_style_16_rps"] > 0
+    host = results["host"]
+    # The CPU accounting behind (b): every part was counted.
+    assert set(host["proxy_16_cpu_us"]) == {"proxy", "clients", "agent"}
+    assert all(v > 0 for v in host["proxy_16_cpu_us"].values())
+    assert host["floor_16_cpu_us"]["clients"] > 0 and host["direct_pipelining_cpu_us"]["agent"] > 0
+    assert 0 < host["bound_16_rps"] < host["bound_16_no_server_rps"]
+    assert host["router_core_us"] > 0
     assert "proxy" in results["vm"] or results["vm"].get("skipped")
     big = results["big_read"]
     assert big["reply_line_bytes"] > big["bytes"]  # base64 of 48 MiB came through whole
