@@ -46,3 +46,8 @@ def test_benchmark_suite_smoke(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "## Targets" in table and "| (f)" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --render measures nothing and writes the same table again.
+    (tmp_path / "results.md").unlink()
+    subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--render", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "results.md").read_text() == table
