@@ -316,6 +316,29 @@ def test_plain_fast_path_declines_what_it_cannot_prove():
         assert RequestDecoder().feed(data) == RequestDecoder()._feed(data, []), data
 
 
+def test_a_repeated_request_is_decoded_once(monkeypatch):
+    """A read that is one request with only "execute", sent again (a monitor's
+    ping), gives the lexer's events from a value decoded once; with an id or
+    arguments, or arriving in the middle of a message, it is decoded anew.
+    What is kept is bounded."""
+    monkeypatch.setattr(codec, "_REPEATS", {})
+    ping = b'{"execute":"guest-ping"}\n'
+    first = RequestDecoder().feed(ping)
+    again = RequestDecoder().feed(ping)
+    assert again == first == RequestDecoder()._feed(ping, [])
+    assert again[0].value is first[0].value
+    assert RequestDecoder().feed(bytearray(ping)) == first  # (not hashable: decoded anew)
+    for data in (b'{"execute":"guest-ping","id":1}\n', b'{"execute":"guest-ping","arguments":{}}\n'):
+        assert RequestDecoder().feed(data)[0].value is not RequestDecoder().feed(data)[0].value
+    fast, slow = RequestDecoder(), RequestDecoder()
+    for data in (b'{"execute": "x", "arguments": ', ping, b"}\n", ping):
+        assert fast.feed(data) == slow._feed(data, []), data
+    for i in range(codec._REPEATS_MAX + 10):
+        RequestDecoder().feed(b'{"execute":"guest-%d"}\n' % i)
+    assert len(codec._REPEATS) == codec._REPEATS_MAX
+    assert RequestDecoder().feed(b'{"execute":"guest-300"}\n')[0].value == {"execute": "guest-300"}
+
+
 @pytest.mark.parametrize("step", [None, 1])
 def test_a_bare_zero_takes_no_exponent_however_the_bytes_arrive(step):
     # Measured against qemu-ga 7.2: its lexer has no exponent after a bare 0,

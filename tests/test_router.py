@@ -151,6 +151,24 @@ def test_any_id_is_restored_as_the_agent_would_echo_it(ident):
     assert h.output(c) == [b'{"return": {}, "id": ' + qjson.dumpb(value) + b"}\n"]
 
 
+def test_an_empty_return_is_passed_on_without_being_parsed(monkeypatch):
+    """guest-ping's reply, and every setter's: {"return": {}, "id": N} is valid
+    as it stands, so it reaches its client, with the client's own id or none,
+    without a JSON parse; one byte more or less and it is parsed."""
+    from qgaproxy import router as router_module
+
+    h = Harness()
+    h.connect()
+    c = h.router.add_client()
+    parsed = []
+    decode = router_module._decode_json
+    monkeypatch.setattr(router_module, "_decode_json", lambda text: parsed.append(text) or decode(text))
+    send(h, c, '{"execute": "guest-ping", "id": "a"}{"execute": "guest-ping"}{"execute": "guest-get-host-name"}')
+    h.pump()
+    assert h.output(c) == [b'{"return": {}, "id": "a"}\n', b'{"return": {}}\n', b'{"return": {"host-name": "vm"}}\n']
+    assert parsed == ['{"return": {"host-name": "vm"}, "id": %d}' % (h.router._next_up_id - 1)]
+
+
 def test_error_replies_keep_the_agents_member_order():
     h = Harness()
     h.connect()
@@ -398,6 +416,8 @@ def test_queued_request_that_times_out_gives_its_bytes_back():
         b'{"return": {}} {"return": {"forged": true}, "id": %d}',  # two objects: one would answer the next request
         b'{"return": oops, "id": %d}',  # not JSON
         b'{"return": "\xff\xfe", "id": %d}',  # not ASCII: the agent escapes everything else
+        b'{"return": {}, "id": 1}{"return": {}, "id": %d}',  # an empty return's head, then a second object
+        b'{"return": {}{"forged": 1}, "id": %d}',
     ],
 )
 def test_malformed_reply_with_a_pending_id_reaches_no_client(line):
