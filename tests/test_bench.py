@@ -38,6 +38,8 @@ def test_benchmark_suite_smoke(tmp_path):
     assert 0 < host["bound_16_rps"] < host["bound_16_no_server_rps"]
     assert host["router_core_us"] > 0
     assert "proxy" in results["vm"] or results["vm"].get("skipped")
+    if "proxy" in results["vm"]:
+        assert results["vm"]["direct_after_work"]["n"] > 0
     big = results["big_read"]
     assert big["reply_line_bytes"] > big["bytes"]  # base64 of 48 MiB came through whole
     assert results["idle_clients"]["per_client_kib_1000"] > 0
