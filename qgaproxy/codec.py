@@ -551,6 +551,22 @@ class ReplyDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def one_line(self, data: bytes) -> bytes | None:
+        """The line (without its newline) when `data` is exactly one whole
+        reply line and nothing is held from before: the usual read, which
+        then needs no framing at all. None otherwise (feed() frames it)."""
+        if (
+            data.find(b"\n") == len(data) - 1
+            and not self._buf
+            and not self._discarding
+            and b"\xff" not in data
+            and len(data) <= self.max_line
+        ):
+            line = data[:-1]
+            if line and not line.isspace():
+                return line
+        return None
+
     def feed(self, data: bytes) -> list:
         buf = self._buf
         if (

@@ -792,6 +792,10 @@ class Router:
 
     def upstream_data(self, data: bytes, now: float) -> None:
         self._last_now = now
+        line = self._replies.one_line(data)
+        if line is not None:  # (one reply, the usual read)
+            self._on_line(line, now)
+            return
         for event in self._replies.feed(data):
             if isinstance(event, codec.Line):
                 self._on_line(event.raw, now)

@@ -183,6 +183,31 @@ def test_reply_lines_whole_and_byte_by_byte():
         assert got == [Line(r) for r in REPLIES]
 
 
+def test_one_whole_reply_line_is_what_feed_would_frame():
+    """one_line() takes a read that is exactly one reply line with nothing
+    held; everything else (more lines, part of one, 0xFF, blank, something
+    held from before, an overlong line being skipped) is left to feed()."""
+    cases = [r + b"\n" for r in REPLIES] + [
+        b"\n", b" \t\n", b"a\nb\n", b'{"return": 1}', b"\xff\n", b'{"return": 1}\n\n', b"\n" + REPLIES[0] + b"\n",
+    ]
+    for data in cases:
+        for held in (b"", b'{"ret'):
+            one = ReplyDecoder()
+            one.feed(held)
+            line = one.one_line(data)
+            framed = ReplyDecoder()
+            framed.feed(held)
+            want = framed.feed(data)
+            if line is not None:
+                assert not held and want == [Line(line)], data
+                assert one.feed(b"x\n") == framed.feed(b"x\n")  # one_line() held nothing back
+            else:
+                assert held or data.count(b"\n") != 1 or not data.endswith(b"\n") or not data.strip() or b"\xff" in data
+    skipping = ReplyDecoder(max_line=8)
+    skipping.feed(b"0123456789")  # over the limit: skipped up to its newline
+    assert skipping.one_line(b"x\n") is None and skipping.feed(b"x\n") == [codec.Overflow(11)]
+
+
 def test_garbage_before_the_sentinel_is_dropped():
     for garbage in (b"", b"junk", b'{"return": {"half', b"\n\n  \n", b'{"return": 1}'):
         stream = garbage + b'\xff{"return": 5}\n' + REPLIES[0] + b"\n"
