@@ -19,6 +19,10 @@ VM, it measures:
   (f) the time from a request's timeout to the next successful reply, with
       a healthy agent (the simulated one, which drops one reply on demand).
 
+Round trips (a) are pooled over five rounds that alternate direct, relay
+and proxy; rates (b) and (c) are each the median of three rounds that take
+every rate in turn.
+
 Every process is separate: the proxy (`python -m qgaproxy serve`), the
 relay, the agents and every client (forked workers with blocking sockets),
 so no client shares an interpreter with what it measures.
@@ -334,6 +338,19 @@ def router_core_us(n: int) -> float:
     return round(best, 1)
 
 
+def median_of(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (nested dicts key by key)."""
+    out = {}
+    for key, first in rounds[0].items():
+        values = [r[key] for r in rounds]
+        if isinstance(first, dict):
+            out[key] = median_of(values)
+        else:
+            middle = statistics.median(values)
+            out[key] = round(middle) if isinstance(first, int) else round(middle, 1)
+    return out
+
+
 def children_cpu() -> float:
     """User + system CPU time of this process's finished children (the
     forked client workers, once joined)."""
@@ -487,20 +504,37 @@ class Run:
     def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True, agent_pid=None) -> None:
         """agent_pid: the agent's process, to count its CPU per request too."""
         out = self.r.setdefault(name, {})
-        agent = {"agent": agent_pid} if agent_pid else {}
         pings = self.pings if name != "sim" else max(100, self.pings // 10)
         self.log("[%s] sequential: direct, relay, proxy" % name)
         out.update(self.sequential_side_by_side(agent_path, pings, 1 if self.quick else 5))
+        out.update(self.rates_in_rounds(name, agent_path, clients=clients, styles=styles, agent_pid=agent_pid))
+
+    def rates_in_rounds(self, name: str, agent_path, **kw) -> dict:
+        """(b) and (c): every rate measured in turn, in rounds (three in a
+        full run), each figure the median of its rounds: this machine's
+        speed drifts by tens of percent within minutes, and a ratio of two
+        rates measured minutes apart would mostly show the drift."""
+        rounds = []
+        for i in range(1 if self.quick else 3):
+            self.log("[%s] rates, round %d" % (name, i + 1))
+            rounds.append(self.rates(agent_path, **kw))
+        return median_of(rounds)
+
+    def rates(self, agent_path, *, clients, styles=True, agent_pid=None) -> dict:
+        """One round of (b) and (c): direct pipelining, the ways people
+        share an agent, then the proxy (the agent serves one connection at
+        a time, so each runs alone)."""
+        out: dict = {}
+        agent = {"agent": agent_pid} if agent_pid else {}
         with cpu_per_request(out, "direct_pipelining", clients=False, **agent):
             out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
         if styles:
-            self.log("[%s] Proxmox-style and libvirt-style, 16 clients" % name)
             out["proxmox_style_16_rps"] = round(proxmox_style(agent_path, 16, self.seconds))
             out["libvirt_style_16_rps"] = round(libvirt_style(agent_path, 16, self.seconds))
-        self.log("[%s] clients through the proxy" % name)
         ctx, listen = proxy(agent_path, self.tmp)
         with ctx as proc:
             out["proxy_clients_rps"] = {}
+            out["proxy_cpu_us_per_request"] = {}
             for n in clients:
                 # What the proxy process itself spent per request (user +
                 # system); with 16 clients, also the clients and the agent.
@@ -508,10 +542,11 @@ class Run:
                 with cpu_per_request(each, "run", proxy=proc.pid, **(agent if n == 16 else {})):
                     each["run_rps"] = through_proxy(listen, n, self.seconds)
                 out["proxy_clients_rps"][str(n)] = round(each["run_rps"])
-                out.setdefault("proxy_cpu_us_per_request", {})[str(n)] = each["run_cpu_us"]["proxy"]
+                out["proxy_cpu_us_per_request"][str(n)] = each["run_cpu_us"]["proxy"]
                 if n == 16:
                     out["proxy_16_cpu_us"] = each["run_cpu_us"]
             out["proxy_pipelining_rps"] = round(pipelining(listen, self.seconds))
+        return out
 
     def host(self) -> None:
         with RealAgent(verbose=False) as agent:
@@ -519,10 +554,14 @@ class Run:
         # (b)'s floor: a trio server answering 16 clients itself, no agent.
         ctx, listen = floor(self.tmp)
         host = self.r["host"]
+        rounds = []
         with ctx as proc:
-            with cpu_per_request(host, "floor_16", server=proc.pid):
-                host["floor_16_rps"] = through_proxy(listen, 16, self.seconds)
-        host["floor_16_rps"] = round(host["floor_16_rps"])
+            for _ in range(1 if self.quick else 3):
+                each: dict = {}
+                with cpu_per_request(each, "floor_16", server=proc.pid):
+                    each["floor_16_rps"] = round(through_proxy(listen, 16, self.seconds))
+                rounds.append(each)
+        host.update(median_of(rounds))
         host["floor_cpu_us_per_request"] = host["floor_16_cpu_us"]["server"]
         # The most 16 clients can get from this machine's cores, whatever
         # serves them: the CPU the clients themselves use per request (with
@@ -567,14 +606,7 @@ class Run:
             # (b) and (c) where users feel them: an agent a channel away.
             # Pipelining depth 32, the proxy's window (a VM loses replies
             # with about 128 in flight; see PROTOCOL).
-            self.log("[vm] rates")
-            out["direct_pipelining_rps"] = round(pipelining(machine_.agent_sock, self.seconds))
-            out["proxmox_style_16_rps"] = round(proxmox_style(machine_.agent_sock, 16, self.seconds))
-            out["libvirt_style_16_rps"] = round(libvirt_style(machine_.agent_sock, 16, self.seconds))
-            ctx, listen = proxy(machine_.agent_sock, self.tmp)
-            with ctx:
-                out["proxy_clients_rps"] = {str(n): round(through_proxy(listen, n, self.seconds)) for n in (1, 16)}
-                out["proxy_pipelining_rps"] = round(pipelining(listen, self.seconds))
+            out.update(self.rates_in_rounds("vm", machine_.agent_sock, clients=(1, 16)))
 
     def big(self) -> None:
         host_file = self.tmp / "big.bin"
