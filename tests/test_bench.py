@@ -53,3 +53,11 @@ def test_benchmark_suite_smoke(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--render", "--out", str(tmp_path)],
                    check=True, capture_output=True, timeout=120)
     assert (tmp_path / "results.md").read_text() == table
+    # --repeat's range table, from an earlier run's targets kept in the results.
+    results["earlier_runs"] = [{"measured_at": "earlier", "targets": results["targets"]}]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--render", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    ranges = (tmp_path / "results.md").read_text().split("## Targets over 2 runs")[1]
+    first = results["targets"][0]
+    assert "| %s | %s | %s | %s | %s |" % (first["target"], first["value"], first["value"], first["value"], first["limit"]) in ranges
