@@ -1,12 +1,13 @@
 """The trio shell around the router: sockets, tasks, time.
 
 One task owns the upstream channel (connect, read; a second one writes),
-one task per client connection reads and another writes, one task keeps
-time. They share a single Router (single-threaded trio: no locks) and wake
-each other through per-purpose signals; nothing here decides anything
-about the protocol. Every wait has a bound: client writes have a deadline,
-requests have deadlines kept by the router, reads pause when a client is
-owed too much.
+one task reads every client connection (reactor.py: their sockets in one
+epoll set), a task per connection writes what could not be written on
+the spot, one task keeps time. They share a single Router (single-threaded
+trio: no locks) and wake each other through per-purpose signals; nothing
+here decides anything about the protocol. Every wait has a bound: client
+writes have a deadline, requests have deadlines kept by the router, reads
+pause when a client is owed too much.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import trio
 from . import audit, status, transport
 from .audit import AuditConfig
 from .metrics import MetricsRegistry
+from .reactor import Reactor
 from .router import DEFAULT_CLIENT_BACKLOG, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WINDOW, Budget, Client, Observer, Router
 from .transport import UpstreamAddress
 from .upstream import State, Timings, Upstream
@@ -34,8 +36,8 @@ log = logging.getLogger("qgaproxy")
 # so this bounds what a thousand clients can hold uncounted.
 READ_SIZE = 64 * 1024
 # What the parser takes at once from one client before the client's
-# backlog is checked again, and (if that piece made replies) before other
-# clients get a turn: input that is all one-byte errors ("}}}}", NUL bytes)
+# backlog is checked again, and (if that piece made replies) before the
+# next turn of the reader: input that is all one-byte errors ("}}}}", NUL bytes)
 # costs an error reply per byte, and a whole read of it would hold every
 # other client up for a second and queue 64K replies past the backlog; a
 # piece of this size is about 10 ms of such replies at most.
@@ -151,14 +153,22 @@ class Session:
     listener: str
     peer: tuple | None
     writable: Signal = attrs.field(factory=Signal)
-    readable: Signal = attrs.field(factory=Signal)
-    # The socket's descriptor for writes made on the spot (see _write_now).
+    # The socket's descriptor: watched by the reactor for reads, and for
+    # writes made on the spot (see _write_now).
     fd: int = -1
     # Bytes a write on the spot could not place: the writer task sends
     # them (with its deadline) before anything else.
     rest: bytes = b""
     sending: bool = False  # the writer task is inside send_all
-    paused: bool = False  # the reader waits for `readable` (the client is owed too much)
+    reading: bool = True  # False once the client is read no more (end of input, closing, an error)
+    paused: bool = False  # not watched for now: the client is owed too much
+    # A read not fed to the router yet (from `held_at` on; see
+    # Proxy._client_input), and the size of the next piece.
+    held: bytes = b""
+    held_at: int = 0
+    piece: int = 0
+    # Cancelled to end the connection (a read error, an internal error).
+    cancel: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
 
 def _write_now(fd: int, data: bytes) -> int:
@@ -391,6 +401,7 @@ class Proxy:
         # time.perf_counter() reading) while a reply is due.
         self._spin_wake = Signal()
         self._spin_until = 0.0
+        self._reactor = Reactor()
         self._reply_time = 0.0  # running estimate of the agent's reply time, seconds
         self.busy_polls = 0  # times the spinner was started
         self._timer_at: float | None = None
@@ -456,13 +467,14 @@ class Proxy:
             session = self._sessions.get(client)
             if session is None:
                 continue
-            if session.paused:
-                session.readable.set()
-            if session.fd >= 0 and not session.sending and not session.rest:
+            written = False
+            if not session.sending and not session.rest:
                 self._write_client_now(session)
-                if not (session.rest or client.output or client.wants_close() or client.gone):
-                    continue  # all written: no need to wake the writer
-            session.writable.set()
+                written = not (session.rest or client.output or client.wants_close() or client.gone)
+            if session.paused:
+                self._resume(session)
+            if not written:  # (all written: no need to wake the writer)
+                session.writable.set()
 
     def _count_done(self) -> None:
         done, self._done = self._done, []
@@ -504,7 +516,7 @@ class Proxy:
         data = self.router.take_output(session.client)
         self.metrics.bytes_client_out.inc(len(data))
         if session.paused:
-            session.readable.set()  # it waits until it is owed less
+            self._resume(session)
         return data
 
     # -- running -------------------------------------------------------------------
@@ -560,6 +572,7 @@ class Proxy:
             self.remove_socket_files()
             raise
         nursery.start_soon(self._upstream_loop)
+        nursery.start_soon(self._reactor.run, self._client_input, self._after)
         nursery.start_soon(self._timer_loop)
         if config.busy_poll > 0:
             nursery.start_soon(self._spin_loop)
@@ -815,11 +828,11 @@ class Proxy:
         pid, uid = (peer[0], peer[1]) if peer else ("?", "?")
         self.log.info("client %d connected on %s (pid %s, uid %s)", client.number, listener, pid, uid)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._client_reader, session, nursery.cancel_scope)
+            with session.cancel:
+                self._reactor.watch(session.fd, session)
                 await self._client_writer(session)
-                nursery.cancel_scope.cancel()
         finally:
+            self._stop_reading(session)
             self.router.remove_client(client)
             self._sessions.pop(client, None)
             self._open_clients[listener] = self._open_clients.get(listener, 1) - 1
@@ -831,67 +844,107 @@ class Proxy:
                 await stream.aclose()
             self._after()
 
-    async def _client_reader(self, session: Session, cancel_scope: trio.CancelScope) -> None:
+    # -- reading clients (the reactor's handler: synchronous, never waits) ----------
+    def _client_input(self, session: Session, now: float) -> None:
+        """One turn of one client's input: a read (or what was held back
+        from the last one) fed to the router a piece at a time. Pieces end
+        on line breaks where there is one, so the next starts on a message
+        boundary, where the decoder's fast path applies. A piece that made
+        replies ends the client's turn (the rest is held for the next, so
+        that input of one-byte errors cannot hold up everyone else), and a
+        client owed too much is not read until it is owed less. What the
+        input changed is carried out once per turn (the reactor calls
+        _after)."""
         router = self.router
         client = session.client
-        stream = session.stream
-        try:
-            while True:
-                while not router.can_read(client):
-                    if client.closing or client.gone:
-                        return
-                    await self._pause(session)
-                data = await _receive(stream, session.fd)
-                if not data:
-                    # Half-close: the client is done sending but still owed
-                    # replies (socat, Proxmox): answer, then close.
-                    client.closing = True
-                    session.writable.set()
+        if not session.reading:
+            return
+        if not router.can_read(client):
+            self._pause_reading(session)
+            return
+        data = session.held
+        if data:
+            start, piece = session.held_at, session.piece
+            session.held = b""
+        else:
+            try:
+                data = os.read(session.fd, READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # reset by the peer, or worse: the connection is over
+                self._stop_reading(session)
+                session.cancel.cancel()
+                return
+            if not data:
+                # Half-close: the client is done sending but still owed
+                # replies (socat, Proxmox): answer, then close.
+                client.closing = True
+                session.writable.set()
+                self._stop_reading(session)
+                return
+            self.metrics.bytes_client_in.inc(len(data))
+            start, piece = 0, FEED_SIZE
+        n = len(data)
+        while start < n:
+            if not router.can_read(client):
+                session.held, session.held_at, session.piece = data, start, piece
+                self._pause_reading(session)
+                return
+            end = start + piece
+            if end < n:
+                nl = data.rfind(b"\n", start, end)
+                if nl > start:
+                    end = nl + 1
+            answers = client.answers
+            try:
+                router.client_data(client, data if start == 0 and end >= n else data[start:end], now)
+            except Exception:
+                # A bug must cost this client its connection, not every
+                # client the proxy: log it loudly and hang up.
+                self.log.exception("internal error on client %d's input; closing it", client.number)
+                self._stop_reading(session)
+                session.cancel.cancel()
+                return
+            start = end
+            if start < n:
+                if client.answers > answers:
+                    # Making replies: the rest waits for the next turn.
+                    session.held, session.held_at, session.piece = data, start, FEED_SIZE
+                    self._reactor.again(session)
                     return
-                self.metrics.bytes_client_in.inc(len(data))
-                start, n, piece = 0, len(data), FEED_SIZE
-                while start < n:
-                    while not router.can_read(client):
-                        if client.closing or client.gone:
-                            return
-                        await self._pause(session)
-                    end = start + piece
-                    if end < n:
-                        # End the piece on a line break where there is one:
-                        # the next then starts on a message boundary, where
-                        # the decoder's fast path applies.
-                        nl = data.rfind(b"\n", start, end)
-                        if nl > start:
-                            end = nl + 1
-                    answers = client.answers
-                    try:
-                        router.client_data(client, data if start == 0 and end >= n else data[start:end], trio.current_time())
-                    except Exception:
-                        # A bug must cost this client its connection, not every
-                        # client the proxy: log it loudly and hang up.
-                        self.log.exception("internal error on client %d's input; closing it", client.number)
-                        cancel_scope.cancel()
-                        return
-                    self._after()
-                    start = end
-                    if start < n:
-                        if client.answers > answers:
-                            piece = FEED_SIZE  # making replies: others get a turn
-                            await trio.lowlevel.checkpoint()
-                        else:
-                            piece = min(piece * 8, READ_SIZE)  # the middle of a big request
-                del data  # not held across the next wait
-        except _CONNECTION_ERRORS:
-            cancel_scope.cancel()
+                piece = min(piece * 8, READ_SIZE)  # the middle of a big request
 
-    @staticmethod
-    async def _pause(session: Session) -> None:
-        """Wait until the client's replies are taken for writing."""
-        session.paused = True
-        try:
-            await session.readable.wait()
-        finally:
+    def _pause_reading(self, session: Session) -> None:
+        """The client is owed too much (or closes): stop watching its socket
+        until it is owed less (see _resume)."""
+        client = session.client
+        self._reactor.unwatch(session.fd)
+        if client.closing or client.gone:
+            self._stop_reading(session)
+        else:
+            session.paused = True
+
+    def _resume(self, session: Session) -> None:
+        """Replies were taken or slots filled: read the client again if it
+        is now owed little enough."""
+        client = session.client
+        if not session.reading:
             session.paused = False
+        elif client.closing or client.gone:
+            self._stop_reading(session)
+        elif self.router.can_read(client):
+            session.paused = False
+            self._reactor.watch(session.fd, session)
+            if session.held:
+                self._reactor.again(session)
+
+    def _stop_reading(self, session: Session) -> None:
+        """Read this client no more (its input ended, it closes, it is gone)."""
+        session.reading = False
+        session.paused = False
+        session.held = b""
+        self._reactor.unwatch(session.fd)
+        self._reactor.forget(session)
 
     async def _client_writer(self, session: Session) -> None:
         client = session.client

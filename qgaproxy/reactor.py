@@ -1,0 +1,93 @@
+"""One trio task that waits for every client socket at once.
+
+A trio task per connection costs, per message, a trip through trio's
+scheduler and an epoll_ctl to re-arm the socket (trio registers every wait
+one-shot). With many busy clients that is as much CPU as the proxy's whole
+protocol work. Here the client sockets sit in an epoll set of their own,
+level-triggered and registered once; one task waits for that set to be
+readable (an epoll descriptor is itself pollable, so trio's loop wakes it
+like any socket) and then hands each ready socket to its handler, all in
+one turn. The handlers are synchronous: they read, feed the router, and
+return; what their input changed is carried out once per turn.
+
+It owns nothing of the protocol and never blocks: a handler that holds
+input back (a fairness piece, a client owed too much) asks for another
+turn with `again`, which also wakes the task when it waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+from typing import Callable, Hashable
+
+import trio
+
+# Sockets handled per turn at most; the rest are reported on the next
+# turn (level-triggered), after trio has run every other task once.
+MAX_EVENTS = 256
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._owners: dict[int, Hashable] = {}
+        self._again: dict = {}  # owners to handle on the next turn (a dict keeps their order)
+        self._waiting: trio.CancelScope | None = None
+
+    def watch(self, fd: int, owner: Hashable) -> None:
+        """Hand `owner` to the handler whenever fd is readable."""
+        if self._epoll.closed:
+            return  # (shutting down: every connection is being cancelled)
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # a descriptor number reused before its old registration went
+            self._epoll.modify(fd, select.EPOLLIN)
+        self._owners[fd] = owner
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching fd (before it is closed); a no-op if not watched."""
+        if self._owners.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._owners
+
+    def again(self, owner: Hashable) -> None:
+        """Hand `owner` to the handler on the next turn, readable or not
+        (it holds input it has not fed yet)."""
+        self._again[owner] = None
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def forget(self, owner: Hashable) -> None:
+        self._again.pop(owner, None)
+
+    async def run(self, handle: Callable[[Hashable, float], None], after: Callable[[], None]) -> None:
+        """Forever: wait until a watched socket is readable (or an owner
+        asked for another turn), call handle(owner, now) for each, then
+        after() once."""
+        epoll = self._epoll
+        fd = epoll.fileno()
+        owners = self._owners
+        try:
+            while True:
+                if self._again:
+                    await trio.lowlevel.checkpoint()  # others run first: this is a new turn
+                else:
+                    with trio.CancelScope() as self._waiting:
+                        await trio.lowlevel.wait_readable(fd)
+                    self._waiting = None
+                again, self._again = self._again, {}
+                now = trio.current_time()
+                for owner in again:
+                    handle(owner, now)
+                for ready, _ in epoll.poll(0, MAX_EVENTS):
+                    owner = owners.get(ready)
+                    if owner is not None and owner not in again:
+                        handle(owner, now)
+                after()
+        finally:
+            self._waiting = None
+            epoll.close()
