@@ -219,6 +219,9 @@ _EMPTY_RETURN_END = len(_EMPTY_RETURN)
 # Lines longer than this are passed on without being parsed (see
 # Router._forward_unparsed); shorter ones are checked to be one JSON object.
 LARGE_REPLY = 1 << 20
+# Below this, a reply is rewritten by plain slicing; above, through a
+# memoryview (one copy of the agent's text instead of two).
+_SMALL_REPLY = 1 << 12
 # Commands whose results the router learns from (isolation, freeze guard).
 _NEEDS_VALUE = frozenset(
     {"guest-file-open", "guest-file-close", "guest-exec", "guest-exec-status", "guest-fsfreeze-status",
@@ -850,7 +853,10 @@ class Router:
         for it); a longer one (guest-file-read's, up to 64 MiB) is not
         parsed at all. raw: one line, without its newline. False when the
         reply needs the general path."""
-        if not raw.startswith(b'{"return": ') or self.upstream.syncing or self.trace or not self._echoes():
+        if not raw.startswith(b'{"return": ') or self.upstream.syncing or self.trace:
+            return False
+        info = self.upstream.info
+        if info is not None and not info.echoes_id:  # (not self._echoes())
             return False
         end = len(raw)
         if raw[end - 1] != 0x7D:  # "}"
@@ -879,10 +885,12 @@ class Router:
                 return False
         del self._pending[call.up_id]
         call.done = True
-        client_id = request.id_json()
-        tail = b"}\n" if client_id is None else b"".join((_ID_KEY, client_id, b"}\n"))
-        with memoryview(raw) as view:  # one copy of the agent's text
-            data = b"".join((view[:pos], tail))
+        tail = b"".join((_ID_KEY, request.id_json(), b"}\n")) if request.has_id else b"}\n"
+        if pos < _SMALL_REPLY:
+            data = raw[:pos] + tail
+        else:
+            with memoryview(raw) as view:  # one copy of the agent's text
+                data = b"".join((view[:pos], tail))
         if self.audit:
             self.observer.audit(client, request, "ok", now - call.received)
         sent = call.sent if call.sent is not None else now
