@@ -422,9 +422,9 @@ def relay(upstream_path, tmp: Path):
     return process(argv, listen, "the relay"), listen
 
 
-def floor(tmp: Path):
+def floor(tmp: Path, *extra: str):
     listen = tmp / ("floor-%d.sock" % random.randrange(1 << 30))
-    argv = [sys.executable, str(ROOT / "bench" / "floor.py"), str(listen)]
+    argv = [sys.executable, str(ROOT / "bench" / "floor.py"), str(listen), *extra]
     return process(argv, listen, "the floor server"), listen
 
 
@@ -552,16 +552,20 @@ class Run:
     def host(self) -> None:
         with RealAgent(verbose=False) as agent:
             self.agent_figures("host", agent.path, agent_pid=agent.proc.pid)
-        # (b)'s floor: a trio server answering 16 clients itself, no agent.
-        ctx, listen = floor(self.tmp)
+        # (b)'s floor: a trio server answering 16 clients itself, no agent,
+        # with the proxy's I/O (one task reading every client); and the
+        # same with a task per client (the design the proxy had before),
+        # in turn.
         host = self.r["host"]
         rounds = []
-        with ctx as proc:
-            for _ in range(1 if self.quick else 3):
-                each: dict = {}
-                with cpu_per_request(each, "floor_16", server=proc.pid):
-                    each["floor_16_rps"] = round(through_proxy(listen, 16, self.seconds))
-                rounds.append(each)
+        for _ in range(1 if self.quick else 3):
+            each: dict = {}
+            for key, extra in (("floor_16", ()), ("floor_tasks_16", ("--tasks",))):
+                ctx, listen = floor(self.tmp, *extra)
+                with ctx as proc:
+                    with cpu_per_request(each, key, server=proc.pid):
+                        each[key + "_rps"] = round(through_proxy(listen, 16, self.seconds))
+            rounds.append(each)
         host.update(median_of(rounds))
         host["floor_cpu_us_per_request"] = host["floor_16_cpu_us"]["server"]
         # The most 16 clients can get from this machine's cores, whatever
@@ -717,6 +721,9 @@ def targets(r: dict) -> list[dict]:
         if "floor_16_rps" in host:
             row("(b) host: trio floor, 16 clients answered without an agent / direct pipelining (reference)",
                 round(host["floor_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        if "floor_tasks_16_rps" in host:
+            row("(b) host: the same floor with a trio task per client (the proxy's former design) / direct "
+                "pipelining (reference)", round(host["floor_tasks_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         if "bound_16_rps" in host:
             row("(b) host: the most 16 clients can get on this machine's %d cores, serving them for free "
                 "(cores / the CPU per request of the clients and the agent) / direct pipelining (reference: "
@@ -819,8 +826,12 @@ def markdown(r: dict) -> str:
                 "%s / %s µs" % (cpu.get("1", "-"), cpu.get("16", "-")) if cpu else "-"))
     host = r.get("host", {})
     if "floor_16_rps" in host:
-        out += ["", "The trio floor (bench/floor.py: one trio task per client answering each ping itself, no agent): "
-                "%s requests/s with 16 clients, %s µs of its CPU per request." % (host["floor_16_rps"], host["floor_cpu_us_per_request"])]
+        out += ["", "The trio floor (bench/floor.py: one task reading every client through the proxy's reactor and "
+                "answering each ping itself, no agent): %s requests/s with 16 clients, %s µs of its CPU per request." % (
+                    host["floor_16_rps"], host["floor_cpu_us_per_request"])]
+    if "floor_tasks_16_rps" in host:
+        out[-1] += (" With a trio task per client instead (`--tasks`, the proxy's former design): %s requests/s, "
+                    "%s µs." % (host["floor_tasks_16_rps"], host["floor_tasks_16_cpu_us"]["server"]))
     if "bound_16_rps" in host:
         used = host["proxy_16_cpu_us"]
         out += ["", "CPU per request with 16 clients on the host (µs, user + system): through the proxy, proxy %s, "
