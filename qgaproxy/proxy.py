@@ -885,11 +885,7 @@ class Proxy:
             self.metrics.bytes_client_in.inc(len(data))
             start, piece = 0, FEED_SIZE
         n = len(data)
-        while start < n:
-            if not router.can_read(client):
-                session.held, session.held_at, session.piece = data, start, piece
-                self._pause_reading(session)
-                return
+        while True:  # (it may read: checked above, and below before every further piece)
             end = start + piece
             if end < n:
                 nl = data.rfind(b"\n", start, end)
@@ -906,13 +902,18 @@ class Proxy:
                 session.cancel.cancel()
                 return
             start = end
-            if start < n:
-                if client.answers > answers:
-                    # Making replies: the rest waits for the next turn.
-                    session.held, session.held_at, session.piece = data, start, FEED_SIZE
-                    self._reactor.again(session)
-                    return
-                piece = min(piece * 8, READ_SIZE)  # the middle of a big request
+            if start >= n:
+                return
+            if client.answers > answers:
+                # Making replies: the rest waits for the next turn.
+                session.held, session.held_at, session.piece = data, start, FEED_SIZE
+                self._reactor.again(session)
+                return
+            piece = min(piece * 8, READ_SIZE)  # the middle of a big request
+            if not router.can_read(client):
+                session.held, session.held_at, session.piece = data, start, piece
+                self._pause_reading(session)
+                return
 
     def _pause_reading(self, session: Session) -> None:
         """The client is owed too much (or closes): stop watching its socket

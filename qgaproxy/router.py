@@ -193,14 +193,6 @@ class Budget:
         self.limit = limit
         self.used = 0
 
-    def reserve(self, n: int, overdraft: bool = False) -> bool:
-        """overdraft: a small message (a ping) is let through even at the
-        limit, so that floods of large ones cannot lock everyone out."""
-        if self.used + n > self.limit and not overdraft:
-            return False
-        self.used += n
-        return True
-
     def take(self, n: int) -> None:
         self.used += n
 
@@ -468,7 +460,10 @@ class Router:
         decoder = client.decoder
         before = decoder.buffered()
         n = len(data)
-        if not self.budget.reserve(n, overdraft=before + n <= SMALL_MESSAGE):
+        budget = self.budget
+        # Past the total budget, a read that would cross it is refused
+        # (unless it is a small message: see SMALL_MESSAGE).
+        if budget.used + n > budget.limit and before + n > SMALL_MESSAGE:
             # Every byte buffered for every client counts against one
             # total: past it, the client that would cross it is refused
             # and hung up on; everyone else keeps being served.
@@ -486,9 +481,9 @@ class Router:
             )
             return
         events = decoder.feed(data)
-        # Reserved: the bytes fed. Held now: what the decoder still buffers
-        # plus what it produced (accounted below per request).
-        self.budget.release(n + before - decoder.buffered())
+        # Held now: what the decoder still buffers, instead of what it held
+        # before; what it produced is accounted below, per request.
+        budget.used += decoder.buffered() - before
         for event in events:
             if type(event) is codec.Value:
                 self._on_message(client, event.value, event.size, now)

@@ -62,3 +62,20 @@ def test_benchmark_suite_smoke(tmp_path):
     ranges = (tmp_path / "results.md").read_text().split("## Targets over 2 runs")[1]
     first = results["targets"][0]
     assert "| %s | %s | %s | %s | %s |" % (first["target"], first["value"], first["value"], first["value"], first["limit"]) in ranges
+
+
+def test_profile_smoke(tmp_path):
+    """bench/profile_proxy.py profiles a real proxy under both loads: its
+    cProfile tables cover the parts of the proxy, and perf's (where this
+    kernel lets perf sample) the processes of the machine."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_proxy.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "profile.md").read_text()
+    for load in ("## 16 clients", "## 1 client, sequential"):
+        section = text.split(load)[1].split("\n## ")[0]
+        assert "| core (sans-IO: router, codecs, messages) |" in section and "| trio |" in section
+        assert "`router.py:" in section  # the router's functions are among the costly ones
+        assert "| proxy |" in section or "perf: not available here" in text
