@@ -8,12 +8,22 @@ so it shows how much of (b) the machine and the I/O library leave.
 With --tasks it is the design the proxy had before: a trio task per
 client (wait until readable, read, write on the spot), for comparison.
 
-    python bench/floor.py LISTEN_SOCKET [--tasks]
+With --agent AGENT_SOCKET it is the floor of a multiplexer: the same
+reactor reads every client and the agent's channel, each client's
+requests go to the agent as they came, and the agent's replies go back in
+order (a queue of who asked: the agent answers one request at a time, in
+order). No parsing, no ids, no timeouts, no checks: nothing a real proxy
+may leave out, except all of its logic. It answers syncs itself (the
+benchmark's clients send one at connect) and is not a usable proxy.
+
+    python bench/floor.py LISTEN_SOCKET [--tasks | --agent AGENT_SOCKET]
 """
 
 import json
 import os
+import random
 import sys
+from collections import deque
 from pathlib import Path
 
 import trio
@@ -69,13 +79,90 @@ async def serve_task(stream) -> None:
         pass
 
 
-async def main(listen_path: str, tasks: bool) -> None:
+async def open_agent(path: str) -> trio.SocketStream:
+    """The agent's channel, synced (0xFF, guest-sync-delimited)."""
+    agent = await trio.open_unix_socket(path)
+    ident = random.randrange(1 << 40)
+    await agent.send_all(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":%d}}\n' % ident)
+    seen = b""
+    while b'{"return": %d}\n' % ident not in seen:
+        seen += await agent.receive_some(65536)
+    return agent
+
+
+async def multiplex(listener, agent_path: str) -> None:
+    """--agent: requests to the agent as they came, replies back in order."""
+    agent = await open_agent(agent_path)
+    agent_fd = agent.socket.fileno()
+    reactor = Reactor()
+    waiting: deque = deque()  # who asked, one entry per request sent
+    to_agent: list = []
+    state = {"rest": b""}  # the agent's partial reply line
+
+    def handle(conn, now: float) -> None:
+        if conn is agent:
+            data = state["rest"] + os.read(agent_fd, 65536)
+            end = data.rfind(b"\n") + 1
+            state["rest"] = data[end:]
+            replies: dict = {}
+            for line in data[:end].splitlines(keepends=True):
+                asker = waiting.popleft()
+                replies[asker] = replies.get(asker, b"") + line
+            for asker, out in replies.items():
+                if asker.fd >= 0:
+                    try:
+                        os.write(asker.fd, out)
+                    except OSError:
+                        pass
+            return
+        try:
+            data = os.read(conn.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            reactor.unwatch(conn.fd)
+            conn.stream.socket.close()
+            conn.fd = -1  # (its replies still to come go nowhere)
+            return
+        buf = conn.buf + data
+        if b"guest-sync" in buf:  # the benchmark client's sync, at connect
+            conn.buf = b""
+            os.write(conn.fd, conn.answer(data))
+            return
+        end = buf.rfind(b"\n") + 1
+        conn.buf = buf[end:]
+        if end:
+            to_agent.append(buf[:end])
+            waiting.extend([conn] * buf.count(b"\n", 0, end))
+
+    def after() -> None:
+        if to_agent:
+            data = b"".join(to_agent)
+            to_agent.clear()
+            sent = os.write(agent_fd, data)  # (a floor: what 16 pings need always fits)
+            assert sent == len(data)
+
+    reactor.watch(agent_fd, agent)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor.run, handle, after)
+        while True:
+            stream = await listener.accept()
+            conn = Conn(stream)
+            reactor.watch(conn.fd, conn)
+
+
+async def main(listen_path: str, tasks: bool, agent_path: str | None) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX)
     await sock.bind(listen_path)
     sock.listen(128)
     listener = trio.SocketListener(sock)
     if tasks:
         await trio.serve_listeners(serve_task, [listener])
+        return
+    if agent_path:
+        await multiplex(listener, agent_path)
         return
     reactor = Reactor()
 
@@ -106,4 +193,5 @@ async def main(listen_path: str, tasks: bool) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], "--tasks" in sys.argv[2:])
+    args = sys.argv[2:]
+    trio.run(main, sys.argv[1], "--tasks" in args, args[args.index("--agent") + 1] if "--agent" in args else None)

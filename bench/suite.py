@@ -376,6 +376,20 @@ def cpu_per_request(out: dict, key: str, *, clients: bool = True, **pids: int):
     out[key + "_cpu_us"] = {name: round(seconds / requests * 1e6, 1) for name, seconds in used.items()}
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time so far by kind (/proc/stat: user, nice,
+    system, idle, iowait, irq, softirq, steal), in ticks."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def stolen_pct(before: list[int], after: list[int]) -> float:
+    """Of the CPU time between two cpu_times(), the share the hypervisor
+    gave to others while this machine's CPUs had work (steal)."""
+    spent = [b - a for a, b in zip(before, after)]
+    return round(100 * spent[7] / max(1, sum(spent)), 1)
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -445,6 +459,45 @@ def summary(times: list[float]) -> dict:
     }
 
 
+def wakeup_round_trip_us(n: int = 2000) -> float:
+    """A byte to a forked process and back through pipes, median µs: what
+    two wake-ups cost on this machine now (each reply the proxy writes
+    wakes the client that waits for it)."""
+    ping_r, ping_w = os.pipe()
+    pong_r, pong_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while os.read(ping_r, 1) == b"x":
+                os.write(pong_w, b"x")
+        finally:
+            os._exit(0)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        os.write(ping_w, b"x")
+        os.read(pong_r, 1)
+        times.append(time.perf_counter() - t)
+    os.write(ping_w, b"q")
+    os.waitpid(pid, 0)
+    for fd in (ping_r, ping_w, pong_r, pong_w):
+        os.close(fd)
+    return round(statistics.median(times) * 1e6, 1)
+
+
+def python_loop_us() -> float:
+    """A fixed piece of pure Python, best of five, µs: how fast the
+    interpreter runs on this machine now."""
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        total = 0
+        for i in range(100_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - t)
+    return round(best * 1e6)
+
+
 def machine() -> dict:
     model = ""
     with contextlib.suppress(OSError):
@@ -463,6 +516,8 @@ def machine() -> dict:
         "trio": trio.__version__,
         "qemu_ga": qga.split("\n")[0],
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "wakeup_round_trip_us": wakeup_round_trip_us(),
+        "python_loop_us": python_loop_us(),
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -502,13 +557,16 @@ class Run:
         return {kind: summary(times) for kind, times in samples.items()}
 
     # (a) and (b) and (c) on one agent socket
-    def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True, agent_pid=None) -> None:
-        """agent_pid: the agent's process, to count its CPU per request too."""
+    def agent_figures(self, name: str, agent_path, *, clients=(1, 4, 16, 64), styles=True, agent_pid=None,
+                      floors=False) -> None:
+        """agent_pid: the agent's process, to count its CPU per request too;
+        floors: the floors under (b) too (see rates)."""
         out = self.r.setdefault(name, {})
         pings = self.pings if name != "sim" else max(100, self.pings // 10)
         self.log("[%s] sequential: direct, relay, proxy" % name)
         out.update(self.sequential_side_by_side(agent_path, pings, 1 if self.quick else 5))
-        out.update(self.rates_in_rounds(name, agent_path, clients=clients, styles=styles, agent_pid=agent_pid))
+        out.update(self.rates_in_rounds(name, agent_path, clients=clients, styles=styles, agent_pid=agent_pid,
+                                        floors=floors))
 
     def rates_in_rounds(self, name: str, agent_path, **kw) -> dict:
         """(b) and (c): every rate measured in turn, in rounds (three in a
@@ -521,14 +579,25 @@ class Run:
             rounds.append(self.rates(agent_path, **kw))
         return median_of(rounds)
 
-    def rates(self, agent_path, *, clients, styles=True, agent_pid=None) -> dict:
+    def rates(self, agent_path, *, clients, styles=True, agent_pid=None, floors=False) -> dict:
         """One round of (b) and (c): direct pipelining, the ways people
         share an agent, then the proxy (the agent serves one connection at
-        a time, so each runs alone)."""
+        a time, so each runs alone). floors: also 16 clients of the floors
+        under (b), in the same round (bench/floor.py): answered without an
+        agent with the proxy's reactor ("floor_16") and with a task per
+        client ("floor_tasks_16"), and the multiplexer floor in front of
+        the agent ("floor_mux_16")."""
         out: dict = {}
         agent = {"agent": agent_pid} if agent_pid else {}
         with cpu_per_request(out, "direct_pipelining", clients=False, **agent):
             out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
+        if floors:
+            for key, extra, pids in (("floor_16", (), {}), ("floor_tasks_16", ("--tasks",), {}),
+                                     ("floor_mux_16", ("--agent", str(agent_path)), agent)):
+                ctx, listen = floor(self.tmp, *extra)
+                with ctx as proc:
+                    with cpu_per_request(out, key, server=proc.pid, **pids):
+                        out[key + "_rps"] = round(through_proxy(listen, 16, self.seconds))
         if styles:
             out["proxmox_style_16_rps"] = round(proxmox_style(agent_path, 16, self.seconds))
             out["libvirt_style_16_rps"] = round(libvirt_style(agent_path, 16, self.seconds))
@@ -551,22 +620,8 @@ class Run:
 
     def host(self) -> None:
         with RealAgent(verbose=False) as agent:
-            self.agent_figures("host", agent.path, agent_pid=agent.proc.pid)
-        # (b)'s floor: a trio server answering 16 clients itself, no agent,
-        # with the proxy's I/O (one task reading every client); and the
-        # same with a task per client (the design the proxy had before),
-        # in turn.
+            self.agent_figures("host", agent.path, agent_pid=agent.proc.pid, floors=True)
         host = self.r["host"]
-        rounds = []
-        for _ in range(1 if self.quick else 3):
-            each: dict = {}
-            for key, extra in (("floor_16", ()), ("floor_tasks_16", ("--tasks",))):
-                ctx, listen = floor(self.tmp, *extra)
-                with ctx as proc:
-                    with cpu_per_request(each, key, server=proc.pid):
-                        each[key + "_rps"] = round(through_proxy(listen, 16, self.seconds))
-            rounds.append(each)
-        host.update(median_of(rounds))
         host["floor_cpu_us_per_request"] = host["floor_16_cpu_us"]["server"]
         # The most 16 clients can get from this machine's cores, whatever
         # serves them: the CPU the clients themselves use per request (with
@@ -579,10 +634,11 @@ class Run:
         # What half of direct pipelining leaves the proxy per request: the
         # machine's cores less what the clients and the agent use, and at
         # most its one core (one thread); against the least a proxy needs
-        # (the floor's I/O plus its own work without I/O).
+        # (the multiplexer floor's I/O plus the router's own work without I/O).
         half = host["direct_pipelining_rps"] / 2
         host["budget_at_half_us"] = round(min(os.cpu_count() / half * 1e6 - least, 1e6 / half), 1)
         host["router_core_us"] = router_core_us(2000 if self.quick else 20000)
+        host["least_proxy_us"] = round(host["floor_mux_16_cpu_us"]["server"] + host["router_core_us"], 1)
 
     def simulated(self) -> None:
         ctx, path = sim(self.tmp, "--latency", str(SIM_LATENCY))
@@ -687,8 +743,12 @@ class Run:
                 out["round_trip"] = summary(sequential(listen, self.pings))
 
     def all(self) -> dict:
+        start = cpu_times()
         for step in (self.host, self.simulated, self.vm, self.big, self.idle_clients, self.recovery):
             step()
+        # On a shared host this varies from run to run, and with it every
+        # figure that wakes processes often.
+        self.r["machine"]["cpu_stolen_pct"] = stolen_pct(start, cpu_times())
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.r["targets"] = targets(self.r)
         return self.r
@@ -724,6 +784,10 @@ def targets(r: dict) -> list[dict]:
         if "floor_tasks_16_rps" in host:
             row("(b) host: the same floor with a trio task per client (the proxy's former design) / direct "
                 "pipelining (reference)", round(host["floor_tasks_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        if "floor_mux_16_rps" in host:
+            row("(b) host: the multiplexer floor, 16 clients through the proxy's I/O to the agent with no logic / "
+                "direct pipelining (reference: the most a proxy on this I/O gets; under 0.5, (b) is out of reach)",
+                round(host["floor_mux_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         if "bound_16_rps" in host:
             row("(b) host: the most 16 clients can get on this machine's %d cores, serving them for free "
                 "(cores / the CPU per request of the clients and the agent) / direct pipelining (reference: "
@@ -731,12 +795,15 @@ def targets(r: dict) -> list[dict]:
                 round(host["bound_16_no_server_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
             row("(b) host: the same, with the trio floor's own CPU per request / direct pipelining (reference)",
                 round(host["bound_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
-        if "budget_at_half_us" in host:
-            least = round(host["floor_cpu_us_per_request"] + host["router_core_us"], 1)
+        if "least_proxy_us" in host:
+            least = host["least_proxy_us"]
             row("(b) host: the CPU per request that 0.5x leaves the proxy (%s µs) / the least a proxy needs: the "
-                "floor's I/O and the router's own work (%s µs) (reference: under 1, (b) is out of reach)"
+                "multiplexer floor's I/O and the router's own work (%s µs) (reference: under 1, (b) is out of reach)"
                 % (host["budget_at_half_us"], least),
                 round(host["budget_at_half_us"] / least, 2), 1, ">=")
+            row("(b) host: the proxy's own CPU per request with 16 clients / the least a proxy needs (reference: "
+                "what the proxy spends beyond its I/O and its router)",
+                round(host["proxy_16_cpu_us"]["proxy"] / least, 2), 1, "<=")
         row("(b) host: 1 client pipelining, proxy / direct (reference)",
             round(host["proxy_pipelining_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         row("(c) host: proxy 16 clients / Proxmox-style",
@@ -794,6 +861,13 @@ def markdown(r: dict) -> str:
     out.append("Machine: %s, %d cores, Linux %s, Python %s, trio %s, %s; load average at start %s; %s." % (
         m["cpu"], m["cores"], m["kernel"], m["python"], m["trio"], m["qemu_ga"],
         " ".join(map(str, m["load_average_at_start"])), m["measured_at"]))
+    if "wakeup_round_trip_us" in m:
+        out[-1] += (" At the start, two processes woke each other through pipes in %s µs a round trip, and a "
+                    "fixed loop of Python took %s µs (the machine's speed drifts: these place the run)." % (
+                        m["wakeup_round_trip_us"], m["python_loop_us"]))
+    if "cpu_stolen_pct" in m:
+        out[-1] += (" CPU time the hypervisor gave to others while this machine had work (steal): %s%% of the "
+                    "run." % m["cpu_stolen_pct"])
     out += ["", "## (a) Sequential guest-ping round trip (µs)", "",
             "| agent | direct p50 | relay p50 | proxy p50 | direct p99 | relay p99 | proxy p99 |",
             "|---|---|---|---|---|---|---|"]
@@ -832,6 +906,12 @@ def markdown(r: dict) -> str:
     if "floor_tasks_16_rps" in host:
         out[-1] += (" With a trio task per client instead (`--tasks`, the proxy's former design): %s requests/s, "
                     "%s µs." % (host["floor_tasks_16_rps"], host["floor_tasks_16_cpu_us"]["server"]))
+    if "floor_mux_16_rps" in host:
+        mux = host["floor_mux_16_cpu_us"]
+        out += ["", "The multiplexer floor (`--agent`: the proxy's reactor reading 16 clients and the agent's "
+                "channel, requests passed on as they came, replies back in order, no logic at all): %s requests/s, "
+                "%s µs of its CPU per request (clients %s, agent %s)." % (
+                    host["floor_mux_16_rps"], mux["server"], mux["clients"], mux["agent"])]
     if "bound_16_rps" in host:
         used = host["proxy_16_cpu_us"]
         out += ["", "CPU per request with 16 clients on the host (µs, user + system): through the proxy, proxy %s, "
@@ -845,6 +925,9 @@ def markdown(r: dict) -> str:
         out += ["", "The router's own work on one guest-ping round trip, no I/O (parse, check, rewrite the id "
                 "both ways): %s µs. Half of direct pipelining leaves the proxy %s µs of CPU per request." % (
                     host["router_core_us"], host["budget_at_half_us"])]
+        if "least_proxy_us" in host:
+            out[-1] += (" The least a proxy needs, the multiplexer floor's I/O and the router's work: %s µs; "
+                        "the proxy spends %s." % (host["least_proxy_us"], host["proxy_16_cpu_us"]["proxy"]))
     out += ["", "## (c) Sharing one agent among 16 clients (requests per second)", "",
             "| agent | Proxmox-style | libvirt-style | through the proxy |", "|---|---|---|---|"]
     for name in ("host", "sim", "vm"):
@@ -877,11 +960,14 @@ def markdown(r: dict) -> str:
                                            {True: "yes", False: "no", None: "-"}[t["met"]]))
     runs = r.get("earlier_runs", [])
     if runs:
-        every = runs + [{"measured_at": m["measured_at"], "targets": r["targets"]}]
+        every = runs + [{"measured_at": m["measured_at"], "targets": r["targets"],
+                         "cpu_stolen_pct": m.get("cpu_stolen_pct")}]
+        stolen = [run.get("cpu_stolen_pct") for run in every]
         out += ["", "## Targets over %d runs" % len(every), "",
                 "The same targets in each of %d full runs in a row (%s to %s); the tables above are the last run's. "
                 "This machine drifts, so a target is judged by its range." % (
-                    len(every), every[0]["measured_at"], every[-1]["measured_at"]),
+                    len(every), every[0]["measured_at"], every[-1]["measured_at"])
+                + (" Steal in each run: %s." % ", ".join("%s%%" % x for x in stolen) if None not in stolen else ""),
                 "", "| target | lowest | median | highest | limit | met in |", "|---|---|---|---|---|---|"]
         for t in r["targets"]:
             rows = [x for run in every for x in run["targets"] if x["target"] == t["target"] and x["value"] is not None]
@@ -957,7 +1043,8 @@ def main() -> None:
         for i in range(max(1, args.repeat)):
             if i:
                 print("run %d of %d" % (i + 1, args.repeat), file=sys.stderr, flush=True)
-                earlier.append({"measured_at": results["machine"]["measured_at"], "targets": results["targets"]})
+                earlier.append({"measured_at": results["machine"]["measured_at"], "targets": results["targets"],
+                                "cpu_stolen_pct": results["machine"].get("cpu_stolen_pct")})
             results = Run(args.quick, not args.no_vm).all()
         if earlier:
             results["earlier_runs"] = earlier

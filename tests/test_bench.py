@@ -35,7 +35,9 @@ def test_benchmark_suite_smoke(tmp_path):
     assert set(host["proxy_16_cpu_us"]) == {"proxy", "clients", "agent"}
     assert all(v > 0 for v in host["proxy_16_cpu_us"].values())
     assert host["floor_16_cpu_us"]["clients"] > 0 and host["direct_pipelining_cpu_us"]["agent"] > 0
-    assert host["floor_16_rps"] > 0 and host["floor_tasks_16_rps"] > 0  # both floors answered
+    assert host["floor_16_rps"] > 0 and host["floor_tasks_16_rps"] > 0  # every floor answered
+    assert host["floor_mux_16_rps"] > 0 and host["floor_mux_16_cpu_us"]["agent"] > 0  # (through the agent)
+    assert host["least_proxy_us"] > host["router_core_us"]
     assert 0 < host["bound_16_rps"] < host["bound_16_no_server_rps"]
     assert host["router_core_us"] > 0
     assert "proxy" in results["vm"] or results["vm"].get("skipped")
