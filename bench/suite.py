@@ -813,6 +813,11 @@ def targets(r: dict) -> list[dict]:
         row("(c) host: the agent's own capacity (direct pipelining) / Proxmox-style (reference: "
             "under 10, 10x Proxmox-style is more than the agent can answer)",
             round(host["direct_pipelining_rps"] / host["proxmox_style_16_rps"], 1), 10, ">=")
+        if "floor_mux_16_rps" in host:
+            row("(c) host: the multiplexer floor's rate / Proxmox-style (reference: under 10, no proxy on this I/O "
+                "reaches 10x)", round(host["floor_mux_16_rps"] / host["proxmox_style_16_rps"], 1), 10, ">=")
+            row("(c) host: the multiplexer floor's rate / libvirt-style (reference: under 2, no proxy on this I/O "
+                "reaches 2x)", round(host["floor_mux_16_rps"] / host["libvirt_style_16_rps"], 1), 2, ">=")
     vm = r.get("vm", {})
     if "proxy_clients_rps" in vm:
         row("(c) VM: proxy 16 clients / Proxmox-style",

@@ -401,7 +401,7 @@ class Proxy:
         # time.perf_counter() reading) while a reply is due.
         self._spin_wake = Signal()
         self._spin_until = 0.0
-        self._reactor = Reactor()
+        self._reactor: Reactor | None = None  # made by start_serving
         self._reply_time = 0.0  # running estimate of the agent's reply time, seconds
         self.busy_polls = 0  # times the spinner was started
         self._timer_at: float | None = None
@@ -572,6 +572,9 @@ class Proxy:
             self.remove_socket_files()
             raise
         nursery.start_soon(self._upstream_loop)
+        # Made only now that nothing can fail before its task runs: the
+        # task closes its descriptors when it ends.
+        self._reactor = Reactor()
         nursery.start_soon(self._reactor.run, self._client_input, self._after)
         nursery.start_soon(self._timer_loop)
         if config.busy_poll > 0:
@@ -829,8 +832,10 @@ class Proxy:
         self.log.info("client %d connected on %s (pid %s, uid %s)", client.number, listener, pid, uid)
         try:
             with session.cancel:
-                self._reactor.watch(session.fd, session)
-                await self._client_writer(session)
+                if self._reactor.watch(session.fd, session):
+                    await self._client_writer(session)
+                else:
+                    self.log.warning("closing client %d: its socket cannot be watched for reading", client.number)
         finally:
             self._stop_reading(session)
             self.router.remove_client(client)
@@ -935,8 +940,11 @@ class Proxy:
             self._stop_reading(session)
         elif self.router.can_read(client):
             session.paused = False
-            self._reactor.watch(session.fd, session)
-            if session.held:
+            if not self._reactor.watch(session.fd, session):
+                self.log.warning("closing client %d: its socket cannot be watched for reading", client.number)
+                self._stop_reading(session)
+                session.cancel.cancel()
+            elif session.held:
                 self._reactor.again(session)
 
     def _stop_reading(self, session: Session) -> None:

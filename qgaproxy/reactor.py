@@ -41,15 +41,22 @@ class Reactor:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake, select.EPOLLIN)
 
-    def watch(self, fd: int, owner: Hashable) -> None:
-        """Hand `owner` to the handler whenever fd is readable."""
+    def watch(self, fd: int, owner: Hashable) -> bool:
+        """Hand `owner` to the handler whenever fd is readable. False when
+        it cannot be watched: the reactor has ended (shutting down), fd is
+        not a descriptor, or the kernel refuses (the limit on epoll
+        watches, no memory); the caller then drops that one connection."""
         if self._epoll.closed:
-            return  # (shutting down: every connection is being cancelled)
+            return False
         try:
-            self._epoll.register(fd, select.EPOLLIN)
-        except FileExistsError:  # a descriptor number reused before its old registration went
-            self._epoll.modify(fd, select.EPOLLIN)
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # (this very socket is in the set already)
+                self._epoll.modify(fd, select.EPOLLIN)
+        except (OSError, ValueError):
+            return False
         self._owners[fd] = owner
+        return True
 
     def unwatch(self, fd: int) -> None:
         """Stop watching fd (before it is closed); a no-op if not watched."""

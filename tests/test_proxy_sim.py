@@ -416,3 +416,48 @@ async def test_reader_paused_on_backlog_resumes_after_a_command_that_never_answe
             await c.send({"execute": "guest-ping", "id": 1})
             with trio.fail_after(30):
                 assert await c.reply() == {"return": {}, "id": 1}
+
+
+async def test_a_client_that_cannot_be_watched_is_closed_and_only_it(autojump_clock, monkeypatch):
+    """When the kernel refuses to watch a client's socket (the limit on
+    epoll watches, no memory), that client is hung up on; the proxy and
+    its other clients go on."""
+    from qgaproxy.reactor import Reactor
+
+    async with run_proxy("sim", sim_agent=agent()) as proxy:
+        await wait_ready(proxy)
+        path = proxy.config.listen[0]
+        async with await Client.connect(path) as good:
+            assert await good.call("guest-ping", id=1) == {"return": {}, "id": 1}
+            monkeypatch.setattr(Reactor, "watch", lambda self, fd, owner: False)
+            async with await Client.connect(path) as refused:
+                with trio.fail_after(10), pytest.raises(EOFError):
+                    await refused.read_line()
+            monkeypatch.undo()
+            assert await good.call("guest-ping", id=2) == {"return": {}, "id": 2}
+            async with await Client.connect(path) as later:
+                assert await later.call("guest-ping", id=3) == {"return": {}, "id": 3}
+
+
+async def test_a_failed_start_leaves_no_descriptors_open(tmp_path):
+    """A listener that cannot be bound fails the start (a directory of
+    agents retries it on every poll): nothing the proxy opened stays open."""
+    import gc
+    import os
+
+    from qgaproxy.proxy import Proxy, ProxyConfig
+    from qgaproxy.transport import UpstreamAddress
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for _ in range(5):
+        proxy = Proxy(ProxyConfig(upstream=UpstreamAddress.parse("sim"), listen=(str(tmp_path / "no" / "x.sock"),)))
+        with pytest.raises(ExceptionGroup) as failed:
+            async with trio.open_nursery() as nursery:
+                await proxy.start_serving(nursery)
+        assert failed.group_contains(FileNotFoundError)
+        del proxy
+    gc.collect()
+    assert open_fds() == before

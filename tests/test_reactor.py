@@ -136,15 +136,32 @@ async def test_unwatched_sockets_are_not_handed_over_and_can_be_watched_again():
         s.close()
 
 
-async def test_watch_after_the_reactor_ended_is_a_no_op():
+async def test_the_ended_reactor_closed_its_descriptors_and_watches_nothing():
+    before = len(os.listdir("/proc/self/fd"))
     reactor = Reactor()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reactor.run, lambda owner, now: None, lambda: None)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
+    assert len(os.listdir("/proc/self/fd")) == before  # its epoll and eventfd are closed
     (a, b), = pairs(1)
-    reactor.watch(a.fileno(), ("late", a))  # shutting down: nothing to watch with
+    assert not reactor.watch(a.fileno(), ("late", a))  # shutting down: nothing to watch with
     reactor.unwatch(a.fileno())
+    reactor.again(("late", a))  # (no wake-up to write to)
     assert not reactor.watching(a.fileno())
+    a.close()
+    b.close()
+
+
+async def test_what_cannot_be_watched_is_refused_not_raised():
+    reactor = Reactor()
+    assert not reactor.watch(-1, ("not a descriptor", None))
+    (a, b), = pairs(1)
+    assert reactor.watch(a.fileno(), ("twice", a)) and reactor.watch(a.fileno(), ("twice", a))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor.run, lambda owner, now: None, lambda: None)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert not reactor.watch(b.fileno(), ("after the end", b))
     a.close()
     b.close()
