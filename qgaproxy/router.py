@@ -221,6 +221,7 @@ _NEEDS_VALUE = frozenset(
 ) | FREEZE_COMMANDS
 
 
+_SYNC_COMMANDS = messages.SYNC_COMMANDS
 # What a "qga" client may send that the proxy answers itself (negotiation.py).
 _NEGOTIATION_COMMANDS = frozenset({"request-negotiation", "query-agent", "qmp_capabilities"})
 
@@ -624,7 +625,7 @@ class Router:
     ) -> None:
         timeout = self.command_timeouts.get(request.execute, self.request_timeout)
         call = Call(client, slot, request, now, now + timeout, timeout, on_reply=on_reply)
-        if request.execute in messages.SYNC_COMMANDS:
+        if request.execute in _SYNC_COMMANDS:
             reply = _local_sync_reply(request)
             if reply is not None:
                 if self.upstream.state is State.READY:
@@ -635,7 +636,7 @@ class Router:
                 call.local_reply = reply  # answered in its turn, once ready
         client.queue.append(call)
         client.queued_bytes += request.size
-        self.budget.take(request.size)
+        self.budget.used += request.size  # (budget.take, inline: every request)
         self._seq += 1
         heapq.heappush(self._deadlines, (call.deadline, self._seq, call))
         if not client.queued_for_turn and client is not self._background:

@@ -54,6 +54,12 @@ class State(enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
+# The states every request is checked against, as plain names: an Enum
+# member looked up on its class costs about 170 ns in Python 3.11.
+_READY = State.READY
+_WAITABLE = (State.READY, State.SYNCING, State.RESYNCING)
+
+
 @attrs.frozen
 class CommandInfo:
     enabled: bool
@@ -123,10 +129,10 @@ class Upstream:
 
     def accepts_requests(self) -> bool:
         """Whether requests may wait for the channel (else they fail fast)."""
-        return self.state in (State.READY, State.SYNCING, State.RESYNCING)
+        return self.state in _WAITABLE
 
     def can_send_requests(self) -> bool:
-        return self.state is State.READY and self._phase is None
+        return self.state is _READY and self._phase is None
 
     def next_deadline(self) -> float | None:
         a, b = self._unavailable_at, self._retry_at
