@@ -18,6 +18,11 @@ Two views of each run:
       the proxy's own split between its Python and the kernel, with the
       kernel paths it pays for (waking the reader of each reply).
 
+And, where valgrind is installed, the instructions one guest-ping round
+trip costs the proxy's sans-IO part (its router with the metrics, no I/O),
+counted by callgrind: the same figure however fast the machine runs, so
+two versions of the router can be compared on a machine that drifts.
+
     python bench/profile_proxy.py                  # writes bench/results/profile.md
     python bench/profile_proxy.py --quick --out DIR
 
@@ -263,9 +268,64 @@ def markdown(runs: list[dict], machine: dict, perf_note: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
+# -- the router's work, counted ------------------------------------------------------------
+
+PING = b'{"execute":"guest-ping"}\n'
+PONG = b'{"return": {}}\n'
+
+
+def core_loop(n: int) -> None:
+    """n guest-ping round trips through the proxy's router and its
+    metrics (as the proxy builds them), no I/O."""
+    from test_router import Harness
+
+    from qgaproxy.proxy import Proxy, ProxyConfig
+    from qgaproxy.transport import UpstreamAddress
+
+    proxy = Proxy(ProxyConfig(upstream=UpstreamAddress.parse("sim")))
+    harness = Harness()
+    harness.upstream, harness.router = proxy.upstream, proxy.router
+    harness.connect()
+    router = proxy.router
+    client = router.add_client()
+    now = 1.0
+    for _ in range(n):
+        now += 1e-5
+        router.client_data(client, PING, now)
+        data = router.take_upstream_write(now + 1e-6)
+        router.upstream_write_done(now + 1e-6)
+        ident = data[data.rindex(b":") + 1 : data.rindex(b"}")].strip()
+        router.upstream_data(b'{"return": {}, "id": %s}\n' % ident, now + 5e-6)
+        assert router.take_output(client) == PONG
+        router.pop_dirty()
+        router.next_deadline()
+        proxy._count_done()
+
+
+def core_instructions() -> int | None:
+    """Instructions per router round trip (callgrind: the difference
+    between two counts, so that start-up cancels out); None without
+    valgrind."""
+    if shutil.which("valgrind") is None:
+        return None
+    counts = []
+    for n in (500, 2500):
+        proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
+                               os.path.realpath(sys.executable), str(Path(__file__).resolve()), "--core", str(n)],
+                              capture_output=True, text=True, timeout=600)
+        found = re.search(r"Collected : (\d+)", proc.stderr)
+        if proc.returncode != 0 or found is None:
+            return None
+        counts.append(int(found.group(1)))
+    return round((counts[1] - counts[0]) / 2000)
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3:])
+        return
+    if len(sys.argv) > 2 and sys.argv[1] == "--core":
+        core_loop(int(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short loads (a smoke run)")
@@ -281,6 +341,11 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     text = markdown(runs, suite.machine(), note)
+    instructions = None if args.quick else core_instructions()
+    if instructions is not None:
+        text += ("\n## The router's work, counted\n\nOne guest-ping round trip through the proxy's router and its "
+                 "metrics, no I/O: %s instructions (callgrind; the same on any run of the same code).\n" % format(
+                     instructions, ","))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.md").write_text(text)
     print(text)
