@@ -16,7 +16,14 @@ order). No parsing, no ids, no timeouts, no checks: nothing a real proxy
 may leave out, except all of its logic. It answers syncs itself (the
 benchmark's clients send one at connect) and is not a usable proxy.
 
-    python bench/floor.py LISTEN_SOCKET [--tasks | --agent AGENT_SOCKET]
+With --router AGENT_SOCKET it is the floor of the proxy's own logic: the
+proxy's router (qgaproxy.router: parsing, checks, ids, per-client order,
+the pending table) behind the thinnest shell there is, the same reactor
+for every client and the agent, every write on the spot; no timer task,
+no metrics, no logs, no pausing, no writer tasks. Every request the proxy
+serves costs at least this.
+
+    python bench/floor.py LISTEN_SOCKET [--tasks | --agent AGENT_SOCKET | --router AGENT_SOCKET]
 """
 
 import json
@@ -42,12 +49,13 @@ def _answer(line: bytes) -> bytes:
 
 
 class Conn:
-    __slots__ = ("stream", "fd", "buf")
+    __slots__ = ("stream", "fd", "buf", "client")
 
     def __init__(self, stream):
         self.stream = stream
         self.fd = stream.socket.fileno()
         self.buf = b""
+        self.client = None  # --router: its client in the router
 
     def answer(self, data: bytes) -> bytes:
         """What this read's complete lines get back."""
@@ -153,7 +161,64 @@ async def multiplex(listener, agent_path: str) -> None:
             reactor.watch(conn.fd, conn)
 
 
-async def main(listen_path: str, tasks: bool, agent_path: str | None) -> None:
+async def routed(listener, agent_path: str) -> None:
+    """--router: the proxy's router behind the thinnest shell."""
+    from qgaproxy.router import Router
+    from qgaproxy.upstream import Timings, Upstream
+
+    router = Router(Upstream(Timings(sync_timeout=1.0)))
+    agent = await trio.open_unix_socket(agent_path)
+    agent_fd = agent.socket.fileno()
+    reactor = Reactor()
+    conns: dict = {}  # router client -> Conn
+
+    def handle(conn, now: float) -> None:
+        if conn is agent:
+            router.upstream_data(os.read(agent_fd, 65536), now)
+            return
+        try:
+            data = os.read(conn.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            reactor.unwatch(conn.fd)
+            conn.stream.socket.close()
+            conns.pop(conn.client, None)
+            router.remove_client(conn.client)
+            return
+        router.client_data(conn.client, data, now)
+
+    def after() -> None:
+        now = trio.current_time()
+        for client in router.pop_dirty():
+            conn = conns.get(client)
+            if conn is not None:
+                try:
+                    os.write(conn.fd, router.take_output(client))
+                except OSError:
+                    pass
+        while router.wants_write():
+            data = router.take_upstream_write(now)
+            if data:
+                os.write(agent_fd, data)
+            router.upstream_write_done(now)
+
+    router.upstream_connected(trio.current_time())
+    reactor.watch(agent_fd, agent)
+    after()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor.run, handle, after)
+        while True:
+            stream = await listener.accept()
+            conn = Conn(stream)
+            conn.client = router.add_client()
+            conns[conn.client] = conn
+            reactor.watch(conn.fd, conn)
+
+
+async def main(listen_path: str, tasks: bool, agent_path: str | None, router_path: str | None) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX)
     await sock.bind(listen_path)
     sock.listen(128)
@@ -163,6 +228,9 @@ async def main(listen_path: str, tasks: bool, agent_path: str | None) -> None:
         return
     if agent_path:
         await multiplex(listener, agent_path)
+        return
+    if router_path:
+        await routed(listener, router_path)
         return
     reactor = Reactor()
 
@@ -194,4 +262,8 @@ async def main(listen_path: str, tasks: bool, agent_path: str | None) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[2:]
-    trio.run(main, sys.argv[1], "--tasks" in args, args[args.index("--agent") + 1] if "--agent" in args else None)
+
+    def option(name: str) -> str | None:
+        return args[args.index(name) + 1] if name in args else None
+
+    trio.run(main, sys.argv[1], "--tasks" in args, option("--agent"), option("--router"))

@@ -585,15 +585,17 @@ class Run:
         a time, so each runs alone). floors: also 16 clients of the floors
         under (b), in the same round (bench/floor.py): answered without an
         agent with the proxy's reactor ("floor_16") and with a task per
-        client ("floor_tasks_16"), and the multiplexer floor in front of
-        the agent ("floor_mux_16")."""
+        client ("floor_tasks_16"), the multiplexer floor in front of the
+        agent ("floor_mux_16"), and the proxy's router behind the thinnest
+        shell ("floor_router_16")."""
         out: dict = {}
         agent = {"agent": agent_pid} if agent_pid else {}
         with cpu_per_request(out, "direct_pipelining", clients=False, **agent):
             out["direct_pipelining_rps"] = round(pipelining(agent_path, self.seconds))
         if floors:
             for key, extra, pids in (("floor_16", (), {}), ("floor_tasks_16", ("--tasks",), {}),
-                                     ("floor_mux_16", ("--agent", str(agent_path)), agent)):
+                                     ("floor_mux_16", ("--agent", str(agent_path)), agent),
+                                     ("floor_router_16", ("--router", str(agent_path)), agent)):
                 ctx, listen = floor(self.tmp, *extra)
                 with ctx as proc:
                     with cpu_per_request(out, key, server=proc.pid, **pids):
@@ -792,6 +794,10 @@ def targets(r: dict) -> list[dict]:
             row("(b) host: the multiplexer floor, 16 clients through the proxy's I/O to the agent with no logic / "
                 "direct pipelining (reference: the most a proxy on this I/O gets; under 0.5, (b) is out of reach)",
                 round(host["floor_mux_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
+        if "floor_router_16_rps" in host:
+            row("(b) host: the router floor, the proxy's router behind the thinnest shell / direct pipelining "
+                "(reference: the most this router gets in any shell; under 0.5, (b) is out of reach for it)",
+                round(host["floor_router_16_rps"] / host["direct_pipelining_rps"], 2), 0.5, ">=")
         if "bound_16_rps" in host:
             row("(b) host: the most 16 clients can get on this machine's %d cores, serving them for free "
                 "(cores / the CPU per request of the clients and the agent) / direct pipelining (reference: "
@@ -908,6 +914,12 @@ def markdown(r: dict) -> str:
     if "floor_tasks_16_rps" in host:
         out[-1] += (" With a trio task per client instead (`--tasks`, the proxy's former design): %s requests/s, "
                     "%s µs." % (host["floor_tasks_16_rps"], host["floor_tasks_16_cpu_us"]["server"]))
+    if "floor_router_16_rps" in host:
+        routed = host["floor_router_16_cpu_us"]
+        out += ["", "The router floor (`--router`: the proxy's own router behind the thinnest shell, the same reactor "
+                "for the clients and the agent, writes on the spot, no timers, metrics or logs): %s requests/s, %s µs "
+                "of its CPU per request (clients %s, agent %s)." % (
+                    host["floor_router_16_rps"], routed["server"], routed["clients"], routed["agent"])]
     if "floor_mux_16_rps" in host:
         mux = host["floor_mux_16_cpu_us"]
         out += ["", "The multiplexer floor (`--agent`: the proxy's reactor reading 16 clients and the agent's "

@@ -36,7 +36,8 @@ def test_benchmark_suite_smoke(tmp_path):
     assert all(v > 0 for v in host["proxy_16_cpu_us"].values())
     assert host["floor_16_cpu_us"]["clients"] > 0 and host["direct_pipelining_cpu_us"]["agent"] > 0
     assert host["floor_16_rps"] > 0 and host["floor_tasks_16_rps"] > 0  # every floor answered
-    assert host["floor_mux_16_rps"] > 0 and host["floor_mux_16_cpu_us"]["agent"] > 0  # (through the agent)
+    for floor in ("floor_mux_16", "floor_router_16"):  # (through the agent)
+        assert host[floor + "_rps"] > 0 and host[floor + "_cpu_us"]["agent"] > 0
     assert host["least_proxy_us"] > host["router_core_us"]
     assert 0 < host["bound_16_rps"] < host["bound_16_no_server_rps"]
     assert host["router_core_us"] > 0
