@@ -250,7 +250,9 @@ def markdown(runs: list[dict], machine: dict, perf_note: str | None) -> str:
         c = r["cprofile"]
         out += ["", "## %s, against qemu-ga on the host" % r["load"], "",
                 "cProfile, inside the proxy while the load ran: %d requests (%d/s under the profiler), "
-                "%.1f Python function calls per request." % (c["requests"], c["rps"], c["calls_per_request"]), "",
+                "%.1f Python function calls per request. Wall-clock times: a system call's share includes the time "
+                "the proxy was switched out in it (a write that wakes a client often hands it the core)." % (
+                    c["requests"], c["rps"], c["calls_per_request"]), "",
                 "| part | share of the proxy's profiled time | µs per request (profiled) |", "|---|---|---|"]
         out += ["| %s | %s%% | %s |" % row for row in c["parts"]]
         out += ["", "| share | calls per request | function |", "|---|---|---|"]
