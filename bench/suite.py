@@ -979,7 +979,7 @@ def markdown(r: dict) -> str:
                          "cpu_stolen_pct": m.get("cpu_stolen_pct")}]
         stolen = [run.get("cpu_stolen_pct") for run in every]
         out += ["", "## Targets over %d runs" % len(every), "",
-                "The same targets in each of %d full runs in a row (%s to %s); the tables above are the last run's. "
+                "The same targets in each of %d full runs (%s to %s); the tables above are the last run's. "
                 "This machine drifts, so a target is judged by its range." % (
                     len(every), every[0]["measured_at"], every[-1]["measured_at"])
                 + (" Steal in each run: %s." % ", ".join("%s%%" % x for x in stolen) if None not in stolen else ""),
