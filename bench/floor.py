@@ -69,6 +69,32 @@ class Conn:
         return PONG * lines
 
 
+def read(reactor: Reactor, conn: Conn) -> bytes | None:
+    """A read from a client: its bytes; b"" when it has left (it is then
+    watched no more, and closed); None when nothing was there."""
+    try:
+        data = os.read(conn.fd, 65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        data = b""
+    if not data:
+        reactor.unwatch(conn.fd)
+        conn.stream.socket.close()
+    return data
+
+
+async def serve(listener, reactor: Reactor, handle, after, accepted=lambda conn: None) -> None:
+    """The reactor's task, and every new client watched by it (after
+    accepted(conn))."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reactor.run, handle, after)
+        while True:
+            conn = Conn(await listener.accept())
+            accepted(conn)
+            reactor.watch(conn.fd, conn)
+
+
 async def serve_task(stream) -> None:
     """--tasks: one trio task per client."""
     conn = Conn(stream)
@@ -123,16 +149,10 @@ async def multiplex(listener, agent_path: str) -> None:
                     except OSError:
                         pass
             return
-        try:
-            data = os.read(conn.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+        data = read(reactor, conn)
         if not data:
-            reactor.unwatch(conn.fd)
-            conn.stream.socket.close()
-            conn.fd = -1  # (its replies still to come go nowhere)
+            if data is not None:
+                conn.fd = -1  # (its replies still to come go nowhere)
             return
         buf = conn.buf + data
         if b"guest-sync" in buf:  # the benchmark client's sync, at connect
@@ -153,12 +173,7 @@ async def multiplex(listener, agent_path: str) -> None:
             assert sent == len(data)
 
     reactor.watch(agent_fd, agent)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reactor.run, handle, after)
-        while True:
-            stream = await listener.accept()
-            conn = Conn(stream)
-            reactor.watch(conn.fd, conn)
+    await serve(listener, reactor, handle, after)
 
 
 async def routed(listener, agent_path: str) -> None:
@@ -176,19 +191,12 @@ async def routed(listener, agent_path: str) -> None:
         if conn is agent:
             router.upstream_data(os.read(agent_fd, 65536), now)
             return
-        try:
-            data = os.read(conn.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            reactor.unwatch(conn.fd)
-            conn.stream.socket.close()
+        data = read(reactor, conn)
+        if data:
+            router.client_data(conn.client, data, now)
+        elif data is not None:
             conns.pop(conn.client, None)
             router.remove_client(conn.client)
-            return
-        router.client_data(conn.client, data, now)
 
     def after() -> None:
         now = trio.current_time()
@@ -205,17 +213,14 @@ async def routed(listener, agent_path: str) -> None:
                 os.write(agent_fd, data)
             router.upstream_write_done(now)
 
+    def accepted(conn: Conn) -> None:
+        conn.client = router.add_client()
+        conns[conn.client] = conn
+
     router.upstream_connected(trio.current_time())
     reactor.watch(agent_fd, agent)
     after()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reactor.run, handle, after)
-        while True:
-            stream = await listener.accept()
-            conn = Conn(stream)
-            conn.client = router.add_client()
-            conns[conn.client] = conn
-            reactor.watch(conn.fd, conn)
+    await serve(listener, reactor, handle, after, accepted)
 
 
 async def main(listen_path: str, tasks: bool, agent_path: str | None, router_path: str | None) -> None:
@@ -235,29 +240,15 @@ async def main(listen_path: str, tasks: bool, agent_path: str | None, router_pat
     reactor = Reactor()
 
     def handle(conn: Conn, now: float) -> None:
-        try:
-            data = os.read(conn.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            reactor.unwatch(conn.fd)
-            conn.stream.socket.close()
-            return
-        out = conn.answer(data)
+        data = read(reactor, conn)
+        out = conn.answer(data) if data else b""
         if out:
             try:
                 os.write(conn.fd, out)  # (a ping's reply always fits a fresh socket buffer)
             except OSError:  # it left; its end of file comes next
                 pass
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reactor.run, handle, lambda: None)
-        while True:
-            stream = await listener.accept()
-            conn = Conn(stream)
-            reactor.watch(conn.fd, conn)
+    await serve(listener, reactor, handle, lambda: None)
 
 
 if __name__ == "__main__":

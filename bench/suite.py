@@ -914,18 +914,16 @@ def markdown(r: dict) -> str:
     if "floor_tasks_16_rps" in host:
         out[-1] += (" With a trio task per client instead (`--tasks`, the proxy's former design): %s requests/s, "
                     "%s µs." % (host["floor_tasks_16_rps"], host["floor_tasks_16_cpu_us"]["server"]))
-    if "floor_router_16_rps" in host:
-        routed = host["floor_router_16_cpu_us"]
-        out += ["", "The router floor (`--router`: the proxy's own router behind the thinnest shell, the same reactor "
-                "for the clients and the agent, writes on the spot, no timers, metrics or logs): %s requests/s, %s µs "
-                "of its CPU per request (clients %s, agent %s)." % (
-                    host["floor_router_16_rps"], routed["server"], routed["clients"], routed["agent"])]
-    if "floor_mux_16_rps" in host:
-        mux = host["floor_mux_16_cpu_us"]
-        out += ["", "The multiplexer floor (`--agent`: the proxy's reactor reading 16 clients and the agent's "
-                "channel, requests passed on as they came, replies back in order, no logic at all): %s requests/s, "
-                "%s µs of its CPU per request (clients %s, agent %s)." % (
-                    host["floor_mux_16_rps"], mux["server"], mux["clients"], mux["agent"])]
+    for key, what in (
+        ("floor_router_16", "The router floor (`--router`: the proxy's own router behind the thinnest shell, the "
+                            "same reactor for the clients and the agent, writes on the spot, no timers, metrics or logs)"),
+        ("floor_mux_16", "The multiplexer floor (`--agent`: the proxy's reactor reading 16 clients and the agent's "
+                         "channel, requests passed on as they came, replies back in order, no logic at all)"),
+    ):
+        if key + "_rps" in host:
+            cpu = host[key + "_cpu_us"]
+            out += ["", "%s: %s requests/s, %s µs of its CPU per request (clients %s, agent %s)." % (
+                what, host[key + "_rps"], cpu["server"], cpu["clients"], cpu["agent"])]
     if "bound_16_rps" in host:
         used = host["proxy_16_cpu_us"]
         out += ["", "CPU per request with 16 clients on the host (µs, user + system): through the proxy, proxy %s, "
