@@ -197,6 +197,12 @@ def perf_table(data: str, proxy_pid: int, agent_pid: int) -> dict:
 
 # -- the runs ---------------------------------------------------------------------------------
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_once(load: str, listen: Path, seconds: float) -> tuple[float, float]:
     """Run the load for about `seconds`; (requests, requests per second)."""
     start = time.perf_counter()
@@ -228,14 +234,30 @@ def run(load: str, seconds: float, tmp: Path, use_perf: bool) -> dict:
                 # perf, for a window inside the load (none of its start or end).
                 data = tmp / ("%s.perf" % load)
                 result: dict = {}
-                worker = threading.Thread(target=lambda: result.update(zip(("requests", "rps"),
-                                                                         load_once(load, listen, seconds + 2))))
+                recorded = threading.Event()
+
+                def keep_loading() -> None:
+                    # Rounds of the load until perf's window has closed (a
+                    # sequential round is a count of requests, and a fast
+                    # machine ends it early).
+                    requests, start = 0.0, time.perf_counter()
+                    while not recorded.is_set():
+                        requests += load_once(load, listen, seconds + 2)[0]
+                    result["rps"] = requests / (time.perf_counter() - start)
+
+                worker = threading.Thread(target=keep_loading)
+                busy = cpu_seconds(proc.pid)
                 worker.start()
-                time.sleep(1)
-                subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-a", "-g", "-o", str(data),
-                                "--", "sleep", str(seconds)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               check=True)
-                worker.join()
+                try:
+                    # The window opens once the load runs (its workers may
+                    # take a while to start on a busy machine).
+                    suite.wait_for(lambda: cpu_seconds(proc.pid) > busy + 0.05, 10, "the load to start")
+                    subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-a", "-g",
+                                    "-o", str(data), "--", "sleep", str(seconds)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                finally:
+                    recorded.set()
+                    worker.join()
                 out["perf"] = perf_table(str(data), proc.pid, agent.proc.pid)
                 out["perf"]["rps"] = round(result["rps"])
         return out

@@ -309,11 +309,15 @@ handle() {
     status) status ;;
     agent-stop)
         touch /run/qgavm/agent.stopped
-        i=0
+        # TERM first, as a service manager stops it; a guest slowed down by
+        # its host can keep qemu-ga from finishing in time, so after 5 s
+        # (the guest's) it gets KILL, as systemd's stop does.
+        i=0 sig=TERM
         while p=$(pidof qemu-ga); do
-            kill $p 2>/dev/null
+            kill -$sig $p 2>/dev/null
             i=$((i + 1))
-            [ $i -gt 100 ] && { echo "qemu-ga does not stop"; return 1; }
+            [ $i -gt 100 ] && sig=KILL
+            [ $i -gt 200 ] && { echo "qemu-ga does not stop"; return 1; }
             sleep 0.05
         done
         status ;;
