@@ -197,12 +197,6 @@ def perf_table(data: str, proxy_pid: int, agent_pid: int) -> dict:
 
 # -- the runs ---------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """A process's CPU time so far (user + system), from /proc."""
-    fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def load_once(load: str, listen: Path, seconds: float) -> tuple[float, float]:
     """Run the load for about `seconds`; (requests, requests per second)."""
     start = time.perf_counter()
@@ -246,12 +240,12 @@ def run(load: str, seconds: float, tmp: Path, use_perf: bool) -> dict:
                     result["rps"] = requests / (time.perf_counter() - start)
 
                 worker = threading.Thread(target=keep_loading)
-                busy = cpu_seconds(proc.pid)
+                busy = suite.cpu_seconds(proc.pid)
                 worker.start()
                 try:
                     # The window opens once the load runs (its workers may
                     # take a while to start on a busy machine).
-                    suite.wait_for(lambda: cpu_seconds(proc.pid) > busy + 0.05, 10, "the load to start")
+                    suite.wait_for(lambda: suite.cpu_seconds(proc.pid) > busy + 0.05, 10, "the load to start")
                     subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-a", "-g",
                                     "-o", str(data), "--", "sleep", str(seconds)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
