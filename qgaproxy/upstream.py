@@ -249,7 +249,10 @@ class Upstream:
                 self._phase = "info"
                 self._info_id = self._rng.randrange(1, 1 << 62)
                 self._outbox.append(messages.encode_request("guest-info", None, self._info_id))
-                self._retry_at = None
+                # A timer of its own: an agent gone before its guest-info
+                # reply (stopped or restarted inside the guest, the channel
+                # still open) is synced again.
+                self._retry_at = now + self._retry_delay
                 return True, None
             error = value.get("error")
             if (

@@ -238,6 +238,39 @@ def test_timeout_errors_with_client_id_resyncs_and_drops_the_late_reply():
     assert h.output(c) == [b'{"return": {}, "id": 2}\n']
 
 
+def test_a_lost_guest_info_is_asked_again_after_a_fresh_sync():
+    """The agent answered the sync, then went (stopped, killed) before its
+    guest-info reply: the channel stays open (virtio-serial), so only a
+    timer can notice. The sync starts over; a late guest-info is stale."""
+    h = Harness()
+    h.connect()
+    c = h.router.add_client()
+    send(h, c, '{"execute": "guest-ping", "id": 1}')
+    h.pump(hold=True)
+    h.advance(5.0)  # the ping times out: resync
+    h.output(c)
+    sync = h.write_upstream()
+    for reply in h.agent.answer(sync):
+        h.router.upstream_data(reply, h.now)
+    info = h.write_upstream()
+    assert b"guest-info" in info  # ... and its reply never comes
+    h.held.clear()
+    h.advance(2.0)
+    assert h.upstream.state is State.UNAVAILABLE
+    again = h.write_upstream()
+    assert again.startswith(b"\xff") and b"guest-sync-delimited" in again
+    for reply in h.agent.answer(again):
+        h.router.upstream_data(reply, h.now)
+    h.pump()
+    assert h.upstream.state is State.READY
+    for reply in h.agent.answer(info):  # the first guest-info's reply, late
+        h.router.upstream_data(reply, h.now)
+    assert h.router.stale_replies == 1
+    send(h, c, '{"execute": "guest-ping", "id": 2}')
+    h.pump()
+    assert h.output(c) == [b'{"return": {}, "id": 2}\n']
+
+
 def test_agent_without_id_echo_is_served_one_at_a_time_by_order():
     h = Harness(echo=False)
     h.connect()
